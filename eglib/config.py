@@ -1,0 +1,69 @@
+"""Run settings read in one place: the profile (EGLIB_PROFILE), the device, the cache folder."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROFILE_ENV = "EGLIB_PROFILE"
+DEVICE_ENV = "EGLIB_DEVICE"
+CACHE_ENV = "EGLIB_CACHE"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much work a run does: data subset sizes, epochs, seeds, batch size."""
+
+    name: str
+    train_size: int | None  # training images used (None: the whole split)
+    test_size: int | None  # test images used (None: the whole split)
+    epochs: int
+    batch_size: int
+    seeds: tuple[int, ...]
+
+
+PROFILES: dict[str, Profile] = {
+    # seconds to minutes on 2 CPU cores: notebooks under nbmake, CI
+    "ci": Profile("ci", train_size=4000, test_size=1000, epochs=2, batch_size=128, seeds=(0,)),
+    # the `make demo` run: a few minutes on 2 CPU cores
+    "demo": Profile("demo", train_size=20000, test_size=5000, epochs=4, batch_size=128, seeds=(0,)),
+    # the figures and tables under figures/
+    "full": Profile("full", train_size=None, test_size=None, epochs=15, batch_size=128, seeds=(0, 1, 2)),
+}
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """Return the named profile, or the one EGLIB_PROFILE names (default `full`)."""
+    chosen = name if name is not None else os.environ.get(PROFILE_ENV, "full")
+    if chosen not in PROFILES:
+        raise ValueError(f"unknown profile {chosen!r} (from {PROFILE_ENV}); allowed: {sorted(PROFILES)}")
+    return PROFILES[chosen]
+
+
+def default_device() -> torch.device:
+    """The device runs use: EGLIB_DEVICE if set, else cuda when available, else cpu."""
+    wanted = os.environ.get(DEVICE_ENV)
+    if wanted:
+        return torch.device(wanted)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cache_dir() -> Path:
+    """Folder for cached models, data and results: EGLIB_CACHE, else ~/.cache/eglib."""
+    root = os.environ.get(CACHE_ENV)
+    path = Path(root) if root else Path.home() / ".cache" / "eglib"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a CPU torch.Generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,81 @@
+"""The attack interface every poisoning attack implements, and the registry of attacks."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Literal
+
+import torch
+
+LabelPolicy = Literal["all-to-one", "all-to-all"]
+LABEL_POLICIES: tuple[str, ...] = ("all-to-one", "all-to-all")
+
+
+class Attack(ABC):
+    """A backdoor attack: stamps a trigger on uint8 images (N, C, H, W) and picks poisoned labels.
+
+    Subclasses set `name`, `clean_label` (True: only target-class samples are poisoned and
+    labels never change) and `needs_fit` (True: `fit` must run on training data first, e.g.
+    to train a trigger generator or a surrogate model). Parameters are validated in
+    `__init__`; a bad value raises ValueError naming it and what is allowed.
+    """
+
+    name: ClassVar[str]
+    clean_label: ClassVar[bool] = False
+    needs_fit: ClassVar[bool] = False
+
+    def __init__(self, target: int = 0, label_policy: str = "all-to-one", num_classes: int = 10) -> None:
+        if label_policy not in LABEL_POLICIES:
+            raise ValueError(f"label_policy={label_policy!r}; allowed: {LABEL_POLICIES}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes={num_classes}; must be >= 2")
+        if not 0 <= target < num_classes:
+            raise ValueError(f"target={target}; must be in [0, {num_classes - 1}]")
+        if self.clean_label and label_policy != "all-to-one":
+            raise ValueError(f"{self.name} is clean-label: label_policy must be 'all-to-one'")
+        self.target = target
+        self.label_policy = label_policy
+        self.num_classes = num_classes
+
+    def fit(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> None:
+        """Learn whatever the trigger needs from training data (no-op for fixed triggers)."""
+
+    @abstractmethod
+    def apply(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Return triggered copies of uint8 `images` (N, C, H, W); same shape, dtype and device."""
+
+    def poison_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels the poisoned samples get: the target (all-to-one) or label + 1 mod classes."""
+        if self.clean_label:
+            return labels.clone()
+        if self.label_policy == "all-to-one":
+            return torch.full_like(labels, self.target)
+        return (labels + 1) % self.num_classes
+
+    def params(self) -> dict[str, Any]:
+        """The attack's parameters as plain JSON data (for result records)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and _is_plain(v)}
+
+
+def _is_plain(value: object) -> bool:
+    return isinstance(value, (int, float, str, bool, type(None))) or (
+        isinstance(value, (list, tuple)) and all(_is_plain(v) for v in value)
+    )
+
+
+ATTACKS: dict[str, type[Attack]] = {}
+
+
+def register_attack(cls: type[Attack]) -> type[Attack]:
+    """Class decorator: add an attack to the registry under `cls.name`."""
+    if cls.name in ATTACKS:
+        raise ValueError(f"attack {cls.name!r} registered twice")
+    ATTACKS[cls.name] = cls
+    return cls
+
+
+def make_attack(name: str, **params: Any) -> Attack:
+    """Build the attack called `name` with `params`; an unknown name lists the allowed ones."""
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; allowed: {sorted(ATTACKS)}")
+    return ATTACKS[name](**params)

@@ -25,6 +25,7 @@ class StagedNet(nn.Module):
     `forward` returns logits (B, num_classes). `guards` maps a stage name to a module applied
     to that stage's output (see `eglib.guard.insert_guard`); the body's parameter names do
     not change when a guard is added, so plain weights load into a guarded model.
+    `default_guard_stage` names the stage a guard goes after when none is named.
     """
 
     def __init__(
@@ -34,6 +35,7 @@ class StagedNet(nn.Module):
         stage_info: list[StageInfo],
         num_classes: int,
         in_channels: int,
+        default_guard_stage: str | None = None,
     ) -> None:
         super().__init__()
         if [s.name for s in stage_info] != list(stages):
@@ -44,6 +46,13 @@ class StagedNet(nn.Module):
         self.feature_info: tuple[StageInfo, ...] = tuple(stage_info)
         self.num_classes = num_classes
         self.in_channels = in_channels
+        chosen = self.stages[0] if default_guard_stage is None else default_guard_stage
+        if chosen not in self.body:
+            raise ValueError(
+                f"unknown default_guard_stage {chosen!r}; valid stages: {list(self.body)}"
+            )
+        # where EigenGuard goes when no stage is named (None: the first stage)
+        self.default_guard_stage: str = chosen
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -57,7 +66,7 @@ class StagedNet(nn.Module):
         return self.body[name]
 
     def stage_output_module(self, name: str) -> nn.Module:
-        """The module whose output the next stage sees: the guard after `name` if any, else the stage."""
+        """The module whose output the next stage sees: the guard after `name`, else the stage."""
         stage = self.stage(name)
         return self.guards[name] if name in self.guards else stage
 

@@ -23,8 +23,14 @@ class Attack(ABC):
     name: ClassVar[str]
     clean_label: ClassVar[bool] = False
     needs_fit: ClassVar[bool] = False
+    # noise-mode samples per poisoned sample (WaNet's cross ratio): `poison_dataset` passes that
+    # many further samples through `apply_noise` and keeps their labels; 0 = no noise mode
+    cross_ratio: float = 0.0
+    _fitted: bool = False  # learned attacks set this to True at the end of `fit`
 
-    def __init__(self, target: int = 0, label_policy: str = "all-to-one", num_classes: int = 10) -> None:
+    def __init__(
+        self, target: int = 0, label_policy: str = "all-to-one", num_classes: int = 10
+    ) -> None:
         if label_policy not in LABEL_POLICIES:
             raise ValueError(f"label_policy={label_policy!r}; allowed: {LABEL_POLICIES}")
         if num_classes < 2:
@@ -37,12 +43,35 @@ class Attack(ABC):
         self.label_policy = label_policy
         self.num_classes = num_classes
 
-    def fit(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> None:
+    def fit(  # noqa: B027 (an optional hook: a no-op unless the attack learns its trigger)
+        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> None:
         """Learn whatever the trigger needs from training data (no-op for fixed triggers)."""
 
+    @property
+    def fitted(self) -> bool:
+        """Whether `apply` is ready: always for fixed triggers, else once `fit` has run."""
+        return not self.needs_fit or self._fitted
+
     @abstractmethod
-    def apply(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def apply(
+        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
         """Return triggered copies of uint8 `images` (N, C, H, W); same shape, dtype and device."""
+
+    def apply_test(
+        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """The test-time trigger (what `backdoor_testset` stamps); default: `apply`.
+
+        Overridden by attacks whose training poison carries more than the trigger (lc's and
+        advnoise's adversarial noise), which stamp the trigger alone at test time.
+        """
+        return self.apply(images, labels, generator)
+
+    def apply_noise(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Noise-mode copies of `images` that keep their labels (only where `cross_ratio` > 0)."""
+        raise NotImplementedError(f"attack {self.name!r} has no noise mode (cross_ratio = 0)")
 
     def poison_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Labels the poisoned samples get: the target (all-to-one) or label + 1 mod classes."""

@@ -1,0 +1,57 @@
+"""Parameter checks the defences share: each raises ValueError naming the value and the rule."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """`value` as an int >= `minimum` (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r}; must be an int >= {minimum}")
+    return value
+
+
+def check_float(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """`value` as a float within [low, high] (open ends where asked); bools refused."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low  # type: ignore[operator]
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high  # type: ignore[operator]
+    if not ok:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ValueError(f"{name}={value!r}; must be a number in {left}{lo}, {hi}{right}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
+    """`value` as one of the `allowed` strings."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}; allowed: {list(allowed)}")
+    return str(value)
+
+
+def check_bool(name: str, value: object) -> bool:
+    """`value` as a real bool (not 0/1)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r}; must be True or False")
+    return value
+
+
+def check_layer(name: str, value: object) -> str | None:
+    """A stage name or None (whether the stage exists is checked against the model at run time)."""
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"{name}={value!r}; must be a stage name (str) or None")
+    return value

@@ -1,0 +1,59 @@
+"""The two reference entries of the defence table: no defence, and EigenGuard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eglib.defenses.base import Defense, DefenseContext, DefenseOutcome, register_defense, train_on
+from eglib.models.base import StagedNet
+
+
+@register_defense
+class NoDefense(Defense):
+    """Plain end-to-end training on the poisoned data (the undefended baseline)."""
+
+    name = "none"
+    stage = "none"
+
+    def run(self, ctx: DefenseContext) -> DefenseOutcome:
+        """Train a fresh model on all the data."""
+        model = self.build_model(ctx)
+        train_on(ctx, model)
+        return DefenseOutcome(model)
+
+
+@register_defense
+class EigenGuardDefense(Defense):
+    """EigenGuard (the spec's method): a spectral filter layer after a stage, trained end to end.
+
+    Parameters are those of `eglib.guard.EigenGuard` plus `at` (the stage; None: the model's
+    `default_guard_stage`).
+    """
+
+    name = "eigenguard"
+    stage = "architecture"
+
+    def __init__(self, at: str | None = None, **guard_params: Any) -> None:
+        from eglib.guard import EigenGuard
+
+        EigenGuard(**guard_params)  # validates the parameters now, not after training
+        self.at = at
+        self.guard_params = dict(guard_params)
+
+    def build_model(self, ctx: DefenseContext) -> StagedNet:
+        """A fresh model with a guard inserted at `at`."""
+        from eglib.guard import insert_guard
+
+        model = ctx.model_factory()
+        insert_guard(model, at=self.at, **self.guard_params)
+        return model
+
+    def run(self, ctx: DefenseContext) -> DefenseOutcome:
+        """Train the guarded model on all the data."""
+        model = self.build_model(ctx)
+        train_on(ctx, model)
+        return DefenseOutcome(model, {"guard_stage": self.at or getattr(model, "default_guard_stage", None)})
+
+    def params(self) -> dict[str, Any]:
+        """`at` and the guard's parameters, flat."""
+        return {"at": self.at, **self.guard_params}

@@ -287,6 +287,12 @@ def test_learned_attacks_are_fitted_once() -> None:
     assert attack.fit_calls == 1 and attack.fitted
 
 
+def test_backdoor_testset_refuses_an_unfitted_attack() -> None:
+    images, labels = random_images(30), class_labels(30)
+    with pytest.raises(ValueError, match="not fitted"):
+        backdoor_testset(images, labels, _CountingFit(), seed=0)
+
+
 def test_noise_mode_missing_is_explicit() -> None:
     with pytest.raises(NotImplementedError, match="noise mode"):
         make_attack("badnets").apply_noise(random_images(1), gen())

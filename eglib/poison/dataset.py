@@ -108,10 +108,15 @@ def backdoor_testset(
 ) -> TriggeredSet:
     """Trigger a test set: for all-to-one attacks (clean-label ones too) its non-target
     samples, relabelled to the target; for all-to-all ones every sample, labelled y + 1 mod C.
-    Seeded by `seed` (for attacks with random triggers); fits the attack first if needed."""
+    Seeded by `seed` (for attacks with random triggers). A learned attack must be fitted on
+    training data first (ValueError otherwise: fitting here would use the test set)."""
     _check_data(images, labels)
     generator = torch.Generator().manual_seed(seed)
-    _fit_if_needed(attack, images, labels, generator)
+    if not attack.fitted:
+        raise ValueError(
+            f"attack {attack.name!r} is not fitted: fit it on training data first "
+            "(poison_dataset does); fitting on the test set would leak test images to the attacker"
+        )
     labels_cpu = labels.cpu()
     if attack.label_policy == "all-to-one":
         idx = (labels_cpu != attack.target).nonzero().flatten()

@@ -1,0 +1,348 @@
+"""Spectral measures of feature matrices: singular values, effective and stable rank, top/tail
+eigenspace projections, feature capture by forward hooks, t-SNE, and a per-epoch rank tracker.
+
+A feature batch (B, C, H, W) is read as the matrix A of shape (B, D = C*H*W), one row per
+sample. Spectra are computed in float64 through the Gram matrix of the smaller side
+(A A^T when D >= B), which is exact for the large singular values and puts a floor of about
+1e-8 * s_max under the small ones: far below the float32 precision of the features themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from eglib.data import to_float
+from eglib.models.base import StagedNet
+
+# singular values below RANK_TOL * s_max are round-off (of float32 features, or of the Gram route)
+RANK_TOL = 1e-6
+
+
+def flatten_rows(A: torch.Tensor) -> torch.Tensor:
+    """View a (B, ...) tensor as the (B, D) matrix of its flattened rows (ValueError if 1-D)."""
+    if A.dim() < 2:
+        raise ValueError(
+            f"expected a (B, ...) tensor with at least 2 dims, got shape {tuple(A.shape)}"
+        )
+    return A.reshape(A.shape[0], -1)
+
+
+def require_finite(A: torch.Tensor, what: str = "input") -> None:
+    """ValueError naming how many entries of `A` are NaN / inf, if any."""
+    if not bool(torch.isfinite(A).all()):
+        n_nan = int(torch.isnan(A).sum())
+        n_inf = int(torch.isinf(A).sum())
+        raise ValueError(
+            f"{what} has non-finite values: {n_nan} NaN and {n_inf} inf among {A.numel()} entries"
+        )
+
+
+def gram_eigh(
+    A: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values s (descending) and left singular vectors U of a (B, D) matrix, float64.
+
+    Computed as the eigendecomposition (float64) of the B x B Gram matrix A A^T = U diag(s^2)
+    U^T, accumulated in `dtype`, with no autograd (inputs are detached). A float64 Gram
+    resolves s down to ~1e-8 * s_max, a float32 one only to ~1e-3 * s_max (its U_k for the
+    large s are as good). Non-finite input raises ValueError.
+    """
+    with torch.no_grad(), torch.autocast(A.device.type, enabled=False):
+        M = A.detach().to(dtype)
+        gram = M @ M.T
+        if not bool(torch.isfinite(gram.diagonal()).all()):  # any NaN / inf in a row shows here
+            require_finite(A)
+        lam, U = torch.linalg.eigh(gram.to(torch.float64))
+    return lam.flip(0).clamp_min(0).sqrt(), U.flip(1)
+
+
+def singular_values(A: torch.Tensor) -> torch.Tensor:
+    """Singular values (descending, float64, length min(B, D)) of a (B, ...) tensor's rows."""
+    M = flatten_rows(A)
+    if M.shape[1] >= M.shape[0]:
+        return gram_eigh(M)[0]
+    return gram_eigh(M.T)[0]
+
+
+def _effective_rank_of(s: torch.Tensor) -> float:
+    """exp(Shannon entropy of s / sum(s)); 0 for a zero matrix."""
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    p = s / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def _stable_rank_of(s: torch.Tensor) -> float:
+    """sum(s^2) / max(s)^2; 0 for a zero matrix."""
+    top = s.max()
+    if top <= 0:
+        return 0.0
+    return float(s.square().sum() / top.square())
+
+
+def effective_rank(A: torch.Tensor) -> float:
+    """Roy & Vetterli effective rank of a (B, ...) tensor's rows: exp of the entropy of s/sum(s).
+
+    Between 1 (rank one) and min(B, D) (all singular values equal); 0 for a zero matrix;
+    invariant to scaling A. It grows with the number of rows: compare groups at equal counts
+    (see `equal_count_subsample`).
+    """
+    return _effective_rank_of(singular_values(A))
+
+
+def stable_rank(A: torch.Tensor) -> float:
+    """Stable rank ||A||_F^2 / s_max^2 of a (B, ...) tensor's rows (0 for a zero matrix)."""
+    return _stable_rank_of(singular_values(A))
+
+
+def top_right_basis(A: torch.Tensor, k: int, *, center: bool = False) -> torch.Tensor:
+    """Top-k right singular vectors V_k (D, k, float64) of the rows of A (B, ...).
+
+    `center=True` subtracts the column mean first (principal axes). Directions with a
+    singular value below RANK_TOL * s_max (round-off; rank < k) come out as zero columns.
+    """
+    M = _rows64(A, k, center)
+    if M.shape[1] < M.shape[0]:
+        s, V = gram_eigh(M.T)
+        return V[:, :k] * (s[:k] > RANK_TOL * s[0])
+    s, U = gram_eigh(M)
+    keep = s[:k] > RANK_TOL * s[0]
+    return (M.T @ U[:, :k]) / torch.where(keep, s[:k], torch.ones_like(s[:k])) * keep
+
+
+def top_tail_projections(
+    A: torch.Tensor, k: int, *, center: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split rows into their top-k right-singular coordinates and the tail remainder.
+
+    A: (B, ...) flattened to (B, D); V_k = `top_right_basis(A, k, center=center)`. Returns
+    `top` = A V_k (B, k) and `tail` = A - A V_k V_k^T (B, D), both float64, so that
+    top @ V_k^T + tail = A. With `center=True` the column mean is subtracted first (V_k are
+    then the principal axes, as in PCA) and the identity holds for the centred A. Directions
+    with a singular value below RANK_TOL * s_max (round-off; rank < k) get zero coordinates.
+    """
+    M = _rows64(A, k, center)
+    V_k = top_right_basis(M, k)
+    top = M @ V_k
+    return top, M - top @ V_k.T
+
+
+def _rows64(A: torch.Tensor, k: int, center: bool) -> torch.Tensor:
+    """A as a float64 (B, D) matrix, centred if asked; ValueError unless 1 <= k <= min(B, D)."""
+    M = flatten_rows(A).to(torch.float64)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(M.shape):
+        raise ValueError(f"k={k!r}; must be an int in [1, min(B, D) = {min(M.shape)}]")
+    return M - M.mean(dim=0, keepdim=True) if center else M
+
+
+def equal_count_subsample(
+    sizes: Sequence[int], *, count: int | None = None, seed: int = 0
+) -> list[torch.Tensor]:
+    """Sorted row indices drawing the same number of rows from each group, seeded.
+
+    sizes: the number of rows of each group; count: rows per group (default: the smallest
+    group). Effective rank grows with the number of rows, so groups are compared this way.
+    """
+    if not sizes or any(int(n) < 1 for n in sizes):
+        raise ValueError(f"sizes={list(sizes)}; need at least one group, each with >= 1 row")
+    smallest = min(int(n) for n in sizes)
+    chosen = smallest if count is None else count
+    if not 1 <= chosen <= smallest:
+        raise ValueError(f"count={count}; must be in [1, smallest group = {smallest}]")
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.sort(torch.randperm(int(n), generator=generator)[:chosen]).values for n in sizes]
+
+
+class _Captured(Exception):
+    """Raised by the last capture hook of a batch to skip the rest of the forward pass."""
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (cpu if it has none)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        return tensor.device
+    return torch.device("cpu")
+
+
+def capture_features(
+    model: StagedNet,
+    images_uint8: torch.Tensor,
+    stages: Sequence[str],
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """Features (float32, CPU, shape (N, C, H, W)) that the stage after each named stage sees.
+
+    Hooks `model.stage_output_module(name)` (the guard after a stage when there is one), runs
+    the model in eval mode without gradients and restores its train/eval mode afterwards; the
+    forward pass stops once every requested stage has been seen. `device` None: the model's
+    device; otherwise the model is moved there. Unknown stage -> KeyError listing the valid ones.
+    """
+    names = list(dict.fromkeys(stages))
+    if not names:
+        raise ValueError("stages is empty; name at least one stage")
+    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or len(images_uint8) == 0:
+        raise ValueError(
+            f"images must be non-empty uint8 (N, C, H, W); got {images_uint8.dtype} "
+            f"{tuple(images_uint8.shape)}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}; must be >= 1")
+    modules = {name: model.stage_output_module(name) for name in names}
+    dev = model_device(model) if device is None else torch.device(device)
+    model.to(dev)
+    current: dict[str, torch.Tensor] = {}
+    collected: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+
+    def hook_for(name: str) -> Callable[[nn.Module, object, torch.Tensor], None]:
+        def hook(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+            current[name] = output.detach().float().cpu()
+            if len(current) == len(names):
+                raise _Captured
+
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images_uint8), batch_size):
+                current.clear()
+                try:
+                    model(to_float(images_uint8[start : start + batch_size].to(dev)))
+                except _Captured:
+                    pass
+                for name in names:
+                    collected[name].append(current[name])
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {name: torch.cat(parts) for name, parts in collected.items()}
+
+
+def trigger_difference(
+    model: StagedNet,
+    clean_images: torch.Tensor,
+    triggered_images: torch.Tensor,
+    stages: Sequence[str],
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """Trigger-induced feature change f(x + t) - f(x) per stage; row i of both inputs pairs up."""
+    return {
+        name: diff
+        for name, (_, _, diff) in _paired_features(
+            model, clean_images, triggered_images, stages, batch_size, device
+        ).items()
+    }
+
+
+def _paired_features(
+    model: StagedNet,
+    clean_images: torch.Tensor,
+    triggered_images: torch.Tensor,
+    stages: Sequence[str],
+    batch_size: int,
+    device: str | torch.device | None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per stage: (clean features, triggered features, their difference) for paired images."""
+    if clean_images.shape != triggered_images.shape:
+        raise ValueError(
+            f"clean and triggered images must pair up row by row; got shapes "
+            f"{tuple(clean_images.shape)} and {tuple(triggered_images.shape)}"
+        )
+    clean = capture_features(model, clean_images, stages, batch_size, device)
+    triggered = capture_features(model, triggered_images, stages, batch_size, device)
+    return {name: (clean[name], triggered[name], triggered[name] - clean[name]) for name in clean}
+
+
+def tsne_embed(
+    X: torch.Tensor, *, max_points: int = 1000, seed: int = 0, perplexity: float = 30.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D t-SNE of the rows of X (N, ...): returns (indices used (n,), embedding (n, 2)).
+
+    At most `max_points` rows, drawn with `seed` (sorted indices); rows are reduced to 50
+    dims by PCA first when D > 50. Needs n > perplexity. Runs single-threaded (about 5-10 s
+    for 1000 points on one CPU core).
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
+
+    M = flatten_rows(X)
+    if max_points < 2:
+        raise ValueError(f"max_points={max_points}; must be >= 2")
+    if len(M) > max_points:
+        indices = equal_count_subsample([len(M)], count=max_points, seed=seed)[0]
+    else:
+        indices = torch.arange(len(M))
+    if not 0 < perplexity < len(indices):
+        raise ValueError(
+            f"perplexity={perplexity}; must be in (0, n) with n={len(indices)} points embedded"
+        )
+    data = M[indices].detach().to(torch.float32).cpu().numpy()
+    if data.shape[1] > 50:
+        dims = min(50, data.shape[0])
+        data = PCA(n_components=dims, random_state=seed).fit_transform(data)
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+    with threadpool_limits(limits=1):  # sklearn's OpenMP threads crawl on a busy machine
+        embedding = tsne.fit_transform(data.astype(np.float32))
+    return indices, torch.from_numpy(np.ascontiguousarray(embedding, dtype=np.float32))
+
+
+class RankTracker:
+    """Training callback: effective and stable rank of clean, triggered and difference features.
+
+    `clean_images` and `triggered_images` are uint8 (N, C, H, W) that pair up row by row
+    (triggered[i] is clean[i] with the trigger). The same `n_samples` rows (seeded) are used
+    at every epoch for all three groups, so the ranks are compared at equal counts (the count
+    is recorded as `rank_samples`). Adds, per stage: `erank_clean/<stage>`,
+    `erank_triggered/<stage>`, `erank_diff/<stage>` (features of f(x + t) - f(x)) and the
+    same three with `srank_` (stable rank).
+    """
+
+    def __init__(
+        self,
+        clean_images: torch.Tensor,
+        triggered_images: torch.Tensor,
+        stages: Sequence[str],
+        n_samples: int = 256,
+        seed: int = 0,
+        batch_size: int = 256,
+    ) -> None:
+        if clean_images.shape != triggered_images.shape:
+            raise ValueError(
+                f"clean and triggered images must pair up row by row; got shapes "
+                f"{tuple(clean_images.shape)} and {tuple(triggered_images.shape)}"
+            )
+        if n_samples < 2:
+            raise ValueError(f"n_samples={n_samples}; must be >= 2")
+        if not stages:
+            raise ValueError("stages is empty; name at least one stage")
+        count = min(n_samples, len(clean_images))
+        rows = equal_count_subsample([len(clean_images)], count=count, seed=seed)[0]
+        self.clean = clean_images[rows]
+        self.triggered = triggered_images[rows]
+        self.stages = tuple(stages)
+        self.n_samples = count
+        self.batch_size = batch_size
+
+    def on_epoch_end(self, model: StagedNet, epoch: int, row: dict[str, float]) -> None:
+        """Add six rank values per stage (and `rank_samples`) to the epoch's history row."""
+        features = _paired_features(
+            model, self.clean, self.triggered, self.stages, self.batch_size, None
+        )
+        row["rank_samples"] = float(self.n_samples)
+        for stage, groups in features.items():
+            for group, feats in zip(("clean", "triggered", "diff"), groups, strict=True):
+                s = singular_values(feats)
+                row[f"erank_{group}/{stage}"] = _effective_rank_of(s)
+                row[f"srank_{group}/{stage}"] = _stable_rank_of(s)

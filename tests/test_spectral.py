@@ -1,0 +1,222 @@
+"""Spectral measures on matrices with known answers; feature capture; the rank tracker."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from eglib.guard import insert_guard
+from eglib.models.base import StagedNet, StageInfo
+from eglib.spectral import (
+    RankTracker,
+    capture_features,
+    effective_rank,
+    equal_count_subsample,
+    singular_values,
+    stable_rank,
+    top_right_basis,
+    top_tail_projections,
+    trigger_difference,
+    tsne_embed,
+)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _tiny_net() -> StagedNet:
+    """'linear' (a conv with bias, no nonlinearity), 'relu' (conv + ReLU), then a linear head."""
+    torch.manual_seed(0)
+    stages = OrderedDict(
+        linear=nn.Conv2d(1, 3, 3, padding=1),
+        relu=nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()),
+    )
+    head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    info = [StageInfo("linear", 3, 1), StageInfo("relu", 4, 1)]
+    return StagedNet(stages, head, info, num_classes=2, in_channels=1, default_guard_stage="relu")
+
+
+def _images(n: int, seed: int = 0) -> torch.Tensor:
+    """uint8 (n, 1, 6, 6) images with values in [0, 200] (room for an additive trigger)."""
+    return torch.randint(0, 201, (n, 1, 6, 6), generator=_gen(seed), dtype=torch.uint8)
+
+
+def _add_trigger(images: torch.Tensor) -> torch.Tensor:
+    """Add 50 to a 2x2 corner patch: exactly additive on [0, 200] images."""
+    out = images.clone()
+    out[:, :, :2, :2] += 50
+    return out
+
+
+def test_singular_values_match_svdvals() -> None:
+    for shape in [(7, 30), (30, 7), (5, 2, 3, 4)]:
+        A = torch.randn(shape, generator=_gen(1))
+        s = singular_values(A)
+        assert s.dtype == torch.float64 and s.shape == (min(shape[0], A[0].numel()),)
+        want = torch.linalg.svdvals(A.reshape(shape[0], -1).double())
+        torch.testing.assert_close(s, want, rtol=1e-9, atol=1e-9)
+
+
+def test_effective_rank_known_answers() -> None:
+    assert effective_rank(torch.eye(7)) == pytest.approx(7.0, abs=1e-9)
+    u, v = torch.randn(9, 1, generator=_gen(2)), torch.randn(1, 20, generator=_gen(3))
+    assert effective_rank(u @ v) == pytest.approx(1.0, abs=1e-5)
+    entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))  # s = (3, 1)
+    assert effective_rank(torch.diag(torch.tensor([3.0, 1.0]))) == pytest.approx(math.exp(entropy))
+    A = torch.randn(12, 30, generator=_gen(4))
+    assert effective_rank(3.5 * A) == pytest.approx(effective_rank(A), rel=1e-9)
+    assert 1.0 < effective_rank(A) < 12.0
+    assert effective_rank(torch.zeros(4, 5)) == 0.0
+
+
+def test_stable_rank_known_answers() -> None:
+    assert stable_rank(torch.eye(5)) == pytest.approx(5.0)
+    assert stable_rank(torch.diag(torch.tensor([3.0, 1.0]))) == pytest.approx(10.0 / 9.0)
+    u, v = torch.randn(9, 1, generator=_gen(5)), torch.randn(1, 20, generator=_gen(6))
+    assert stable_rank(u @ v) == pytest.approx(1.0, abs=1e-6)
+    A = torch.randn(10, 4, 2, generator=_gen(7))
+    assert stable_rank(A) == pytest.approx(
+        float(A.square().sum() / torch.linalg.matrix_norm(A.reshape(10, 8), ord=2) ** 2), rel=1e-6
+    )
+    assert stable_rank(torch.zeros(3, 3)) == 0.0
+
+
+@pytest.mark.parametrize("center", [False, True])
+@pytest.mark.parametrize("shape", [(12, 40), (40, 6)])
+def test_top_tail_projections_split_the_matrix(shape: tuple[int, int], center: bool) -> None:
+    A = torch.randn(shape, generator=_gen(8)) + 2.0
+    top, tail = top_tail_projections(A, 3, center=center)
+    M = A.double() - A.double().mean(0) if center else A.double()
+    _, s, Vh = torch.linalg.svd(M, full_matrices=False)
+    V = Vh[:3].T
+    torch.testing.assert_close(top.norm(dim=0), s[:3])  # column i of A V_k has norm s_i
+    torch.testing.assert_close(M - tail, M @ V @ V.T)  # top part = projection on V_k
+    torch.testing.assert_close(tail @ V, torch.zeros(shape[0], 3, dtype=torch.float64))
+    total = top.square().sum() + tail.square().sum()
+    torch.testing.assert_close(total, M.square().sum())  # the two parts are orthogonal
+    basis = top_right_basis(A, 3, center=center)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(top @ basis.T + tail, M)
+
+
+def test_top_tail_projections_rank_below_k_and_bad_k() -> None:
+    A = torch.randn(8, 1, generator=_gen(9)) @ torch.randn(1, 10, generator=_gen(10))
+    top, tail = top_tail_projections(A, 3)
+    assert torch.isfinite(top).all() and (top[:, 1:] == 0).all()
+    torch.testing.assert_close(tail, torch.zeros(8, 10, dtype=torch.float64), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="k=9"):
+        top_tail_projections(A, 9)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_planted_trigger_direction_lands_in_the_top_coordinates(center: bool) -> None:
+    g = _gen(11)
+    A = 0.3 * torch.randn(60, 50, generator=g)
+    direction = torch.randn(50, generator=g)
+    direction /= direction.norm()
+    poisoned = torch.arange(60) < 10
+    A[poisoned] += 8.0 * direction
+    top, tail = top_tail_projections(A, 1, center=center)
+    score = top[:, 0].abs()
+    if center:
+        score = (top[:, 0] - top[~poisoned, 0].median()).abs()
+    assert score[poisoned].min() > 3 * score[~poisoned].max()
+    along = (tail.float() @ direction).abs()
+    assert along[poisoned].max() < 1.0  # the tail no longer carries the trigger
+
+
+def test_equal_count_subsample() -> None:
+    parts = equal_count_subsample([50, 8, 20], seed=3)
+    assert [len(p) for p in parts] == [8, 8, 8]
+    for part, size in zip(parts, [50, 8, 20], strict=True):
+        assert torch.equal(part, part.sort().values) and len(part.unique()) == 8
+        assert int(part.max()) < size
+    assert torch.equal(parts[1], torch.arange(8))
+    again = equal_count_subsample([50, 8, 20], seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(parts, again, strict=True))
+    other = equal_count_subsample([50, 8, 20], seed=4)
+    assert not torch.equal(parts[0], other[0])
+    assert [len(p) for p in equal_count_subsample([50, 8], count=5)] == [5, 5]
+    with pytest.raises(ValueError, match="count=9"):
+        equal_count_subsample([50, 8], count=9)
+
+
+def test_capture_features_sees_what_the_next_stage_sees() -> None:
+    model = _tiny_net().train()
+    images = _images(10)
+    features = capture_features(model, images, ["linear", "relu"], batch_size=4)
+    x = images.float() / 255
+    with torch.no_grad():
+        linear = model.body["linear"](x)
+        relu = model.body["relu"](linear)
+    torch.testing.assert_close(features["linear"], linear)
+    torch.testing.assert_close(features["relu"], relu)
+    assert features["relu"].shape == (10, 4, 6, 6) and features["relu"].device.type == "cpu"
+    assert model.training  # mode restored
+    guard = insert_guard(model, at="linear", k=2, eval_mode="batch")
+    guarded = capture_features(model, images, ["linear"], batch_size=10)["linear"]
+    guard.eval()
+    torch.testing.assert_close(guarded, guard(linear))
+
+
+def test_capture_features_stops_before_the_head_and_validates() -> None:
+    model = _tiny_net()
+    model.head.register_forward_hook(lambda *_: pytest.fail("head ran"))
+    capture_features(model, _images(3), ["linear"])
+    with pytest.raises(KeyError, match=r"unknown stage 'nope'.*'linear'"):
+        capture_features(model, _images(3), ["nope"])
+    with pytest.raises(ValueError, match="uint8"):
+        capture_features(model, _images(3).float(), ["linear"])
+
+
+def test_trigger_difference_of_a_linear_stage_is_rank_one() -> None:
+    model = _tiny_net()
+    clean = _images(12)
+    diff = trigger_difference(model, clean, _add_trigger(clean), ["linear", "relu"])
+    assert diff["linear"].shape == (12, 3, 6, 6)
+    torch.testing.assert_close(diff["linear"], diff["linear"][:1].expand(12, -1, -1, -1))
+    assert effective_rank(diff["linear"]) == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(ValueError, match="pair up"):
+        trigger_difference(model, clean, clean[:5], ["linear"])
+
+
+def test_tsne_embed_subsamples_and_separates_clusters() -> None:
+    g = _gen(12)
+    X = torch.cat([torch.randn(40, 80, generator=g), torch.randn(40, 80, generator=g) + 6.0])
+    indices, emb = tsne_embed(X, max_points=60, seed=1, perplexity=10)
+    assert emb.shape == (60, 2) and len(indices.unique()) == 60
+    assert torch.equal(indices, indices.sort().values)
+    again_idx, again = tsne_embed(X, max_points=60, seed=1, perplexity=10)
+    assert torch.equal(indices, again_idx) and torch.allclose(emb, again)
+    first = indices < 40
+    centre_gap = (emb[first].mean(0) - emb[~first].mean(0)).norm()
+    spread = max(emb[first].std(0).norm(), emb[~first].std(0).norm())
+    assert centre_gap > 2 * spread
+    with pytest.raises(ValueError, match="perplexity=30"):
+        tsne_embed(X[:20])
+
+
+def test_rank_tracker_adds_ranks_at_equal_counts() -> None:
+    model = _tiny_net()
+    clean = _images(40)
+    triggered = _add_trigger(clean)
+    tracker = RankTracker(clean, triggered, ["linear", "relu"], n_samples=16, seed=0)
+    row: dict[str, float] = {}
+    tracker.on_epoch_end(model, 1, row)
+    assert row["rank_samples"] == 16.0
+    for group in ("clean", "triggered", "diff"):
+        for stage in ("linear", "relu"):
+            assert f"erank_{group}/{stage}" in row and f"srank_{group}/{stage}" in row
+    assert row["erank_diff/linear"] == pytest.approx(1.0, abs=1e-3)
+    assert row["srank_diff/linear"] == pytest.approx(1.0, abs=1e-3)
+    assert row["erank_clean/linear"] > 3.0
+    rows = equal_count_subsample([40], count=16, seed=0)[0]
+    feats = capture_features(model, clean[rows], ["relu"])["relu"]
+    assert row["erank_clean/relu"] == pytest.approx(effective_rank(feats), rel=1e-6)
+    with pytest.raises(ValueError, match="pair up"):
+        RankTracker(clean, triggered[:10], ["linear"])

@@ -1,0 +1,296 @@
+"""Clean accuracy (ACC), attack success rate (ASR), and both under the three test protocols.
+
+A guard that filters a batch's spectrum makes a prediction depend on the other images of
+its batch, so a guarded model's ACC and ASR are reported under three protocols (see the
+spec's "Evaluation protocol"):
+
+- 'per_sample': guards use their running estimates (eval_mode 'running'), so each image is
+  classified on its own, as a deployed model would;
+- 'mixed': guards filter each batch (eval_mode 'batch'); every batch holds clean test images
+  with triggered images spread among them at the poison rate;
+- 'pure': guards filter each batch; ACC from batches of clean images only, ASR from batches
+  of triggered images only.
+
+Batches of a pass are near-equal in size (`torch.tensor_split`), so no tiny last batch
+skews a batch-wise filter. A model without guards gives the same numbers under all three.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from eglib.data import to_float
+
+PROTOCOLS: tuple[str, ...] = ("per_sample", "mixed", "pure")
+
+
+class TriggeredLike(Protocol):
+    """What evaluation needs of `eglib.poison.TriggeredSet`: triggered images and their labels."""
+
+    @property
+    def images(self) -> torch.Tensor:
+        """Triggered uint8 images (N, C, H, W)."""
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """The labels the attacker wants (N,)."""
+
+    @property
+    def source_labels(self) -> torch.Tensor:
+        """The true labels of the images before the trigger (N,)."""
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _check_images(images: torch.Tensor, name: str = "images") -> None:
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(
+            f"{name} must be uint8 (N, C, H, W); got {images.dtype} {tuple(images.shape)}"
+        )
+    if images.shape[0] == 0:
+        raise ValueError(f"{name} is empty (N=0)")
+
+
+def _check_labels(labels: torch.Tensor, n: int, name: str) -> None:
+    if labels.dtype != torch.int64 or labels.shape != (n,):
+        raise ValueError(f"{name} must be int64 ({n},); got {labels.dtype} {tuple(labels.shape)}")
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}; must be an int >= 1")
+
+
+def predict_batches(
+    model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """Predicted classes (CPU int64) of uint8 batches fed to the model one batch each, in order.
+
+    The model runs in eval mode without gradients; its train/eval flag is restored after.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            preds = [model(to_float(b.to(device))).argmax(1) for b in batches]
+    finally:
+        model.train(was_training)
+    return torch.cat(preds).cpu()
+
+
+def _even_batches(images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...]:
+    """Split into ceil(N / batch_size) consecutive batches whose sizes differ by at most one."""
+    return torch.tensor_split(images, math.ceil(images.shape[0] / batch_size))
+
+
+def predict(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Predicted classes (CPU int64 (N,)) of uint8 `images`, in near-equal batches <= batch_size.
+
+    `device` None: the model's device; otherwise the model is moved there.
+    """
+    _check_images(images)
+    _check_batch_size(batch_size)
+    dev = torch.device(device) if device is not None else _model_device(model)
+    model.to(dev)
+    return predict_batches(model, _even_batches(images, batch_size), dev)
+
+
+def _acc(preds: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of predictions equal to the labels."""
+    return (preds == labels.cpu()).double().mean().item()
+
+
+def _counted(
+    images: torch.Tensor, target_labels: torch.Tensor, source_labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The triggered images that count for ASR (source label != target) and their targets."""
+    keep = (source_labels != target_labels).nonzero().squeeze(1)
+    if keep.numel() == 0:
+        raise ValueError("no triggered sample has a source label different from its target")
+    return images[keep.to(images.device)], target_labels[keep].cpu()
+
+
+def accuracy(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+) -> float:
+    """Fraction of uint8 `images` classified as `labels` (int64 (N,))."""
+    _check_images(images)
+    _check_labels(labels, images.shape[0], "labels")
+    return _acc(predict(model, images, batch_size=batch_size, device=device), labels)
+
+
+def attack_success_rate(
+    model: nn.Module,
+    triggered_images: torch.Tensor,
+    target_labels: torch.Tensor,
+    source_labels: torch.Tensor,
+    *,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+) -> float:
+    """Fraction of triggered images classified as their target, among those whose source
+    label differs from the target; the others are left out before predicting (ValueError if
+    none is left)."""
+    _check_images(triggered_images, "triggered_images")
+    n = triggered_images.shape[0]
+    _check_labels(target_labels, n, "target_labels")
+    _check_labels(source_labels, n, "source_labels")
+    images, targets = _counted(triggered_images, target_labels, source_labels)
+    return _acc(predict(model, images, batch_size=batch_size, device=device), targets)
+
+
+def find_guards(model: nn.Module) -> list[nn.Module]:
+    """The model's guards that have an `eval_mode` (modules in `model.guards`, if any)."""
+    guards = getattr(model, "guards", {})
+    return [g for g in guards.values() if hasattr(g, "eval_mode")]
+
+
+@contextmanager
+def guards_eval_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Within the block every guard of `model` has `eval_mode = mode`; restored after."""
+    guards: list[Any] = find_guards(model)  # Any: nn.Module types attributes as Tensor | Module
+    saved = [g.eval_mode for g in guards]
+    try:
+        for g in guards:
+            g.eval_mode = mode
+        yield
+    finally:
+        for g, old in zip(guards, saved, strict=True):
+            g.eval_mode = old
+
+
+def mixed_batches(
+    n_clean: int, n_triggered: int, poison_rate: float, batch_size: int, generator: torch.Generator
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Index pairs (clean rows, triggered rows) of the batches of the 'mixed' protocol.
+
+    Construction: every clean image is used exactly once, in a seeded random order, split
+    into B = ceil(n_clean / (batch_size - k)) near-equal chunks, k = round(poison_rate *
+    batch_size) clamped to [1, batch_size - 1]. A chunk of c clean images gets
+    max(1, round(c * r / (1 - r))) triggered images, so each batch holds triggered images at
+    the poison rate r and has about batch_size images. Triggered images are taken in a seeded
+    random order, each at most once while there are enough; if the batches need more than
+    n_triggered, the order is repeated with a fresh permutation each round.
+    """
+    if not 0 < poison_rate < 1:
+        raise ValueError(f"poison_rate={poison_rate!r}; must be in (0, 1)")
+    if batch_size < 2:
+        raise ValueError(f"batch_size={batch_size}; a mixed batch needs >= 2 images")
+    k = min(max(round(poison_rate * batch_size), 1), batch_size - 1)
+    n_batches = math.ceil(n_clean / (batch_size - k))
+    clean_chunks = torch.tensor_split(torch.randperm(n_clean, generator=generator), n_batches)
+    ratio = poison_rate / (1 - poison_rate)
+    counts = [max(1, round(len(c) * ratio)) for c in clean_chunks]
+    rounds = math.ceil(sum(counts) / n_triggered)
+    order = torch.cat([torch.randperm(n_triggered, generator=generator) for _ in range(rounds)])
+    trig_chunks = torch.split(order[: sum(counts)], counts)
+    return list(zip(clean_chunks, trig_chunks, strict=True))
+
+
+def _mixed_predictions(
+    model: nn.Module,
+    clean_images: torch.Tensor,
+    triggered_images: torch.Tensor,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Predictions in mixed batches: (clean preds (n_clean,), triggered rows, their preds)."""
+    inputs = [torch.cat([clean_images[c], triggered_images[t]]) for c, t in batches]
+    preds = predict_batches(model, inputs, device)
+    sizes = [n for c, t in batches for n in (len(c), len(t))]
+    parts = torch.split(preds, sizes)
+    clean_rows = torch.cat([c for c, _ in batches])
+    clean_preds = torch.empty(clean_images.shape[0], dtype=torch.int64)
+    clean_preds[clean_rows] = torch.cat(parts[0::2])
+    return clean_preds, torch.cat([t for _, t in batches]), torch.cat(parts[1::2])
+
+
+def _per_image_rate(hits: torch.Tensor, rows: torch.Tensor, n: int) -> float:
+    """Mean over the distinct images in `rows` of each image's mean hit (equal weight each)."""
+    count = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, torch.ones(len(rows)).double())
+    total = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, hits.double())
+    seen = count > 0
+    return (total[seen] / count[seen]).mean().item()
+
+
+def evaluate_protocols(
+    model: nn.Module,
+    clean_images: torch.Tensor,
+    clean_labels: torch.Tensor,
+    triggered: TriggeredLike,
+    *,
+    poison_rate: float,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> dict[str, dict[str, float]]:
+    """ACC and ASR under the three protocols: {'per_sample'|'mixed'|'pure': {'acc', 'asr'}}.
+
+    `triggered` is a `TriggeredSet` (images, labels = the attacker's targets, source_labels);
+    only its samples whose source label differs from the target take part. 'mixed' builds
+    its batches with `mixed_batches` (seeded by `seed`): ACC over every clean image once, ASR
+    over the triggered images placed in those batches (a seeded subset when the clean images
+    cannot host them all at `poison_rate`; each image weighted once). Guards' eval modes are
+    restored afterwards, even on error.
+    """
+    _check_images(clean_images, "clean_images")
+    _check_labels(clean_labels, clean_images.shape[0], "clean_labels")
+    trig_x, target, source = triggered.images, triggered.labels, triggered.source_labels
+    _check_images(trig_x, "triggered.images")
+    _check_labels(target, trig_x.shape[0], "triggered.labels")
+    _check_labels(source, trig_x.shape[0], "triggered.source_labels")
+    if trig_x.shape[1:] != clean_images.shape[1:]:
+        raise ValueError(
+            f"triggered images {tuple(trig_x.shape[1:])} and clean images "
+            f"{tuple(clean_images.shape[1:])} differ in shape"
+        )
+    _check_batch_size(batch_size)
+    dev = torch.device(device) if device is not None else _model_device(model)
+    model.to(dev)
+    trig_x, target = _counted(trig_x, target, source)  # the others take no part at all
+    clean_labels = clean_labels.cpu()
+    batches = mixed_batches(
+        clean_images.shape[0],
+        trig_x.shape[0],
+        poison_rate,
+        batch_size,
+        torch.Generator().manual_seed(seed),
+    )
+
+    def pure() -> dict[str, float]:
+        clean = predict_batches(model, _even_batches(clean_images, batch_size), dev)
+        trig = predict_batches(model, _even_batches(trig_x, batch_size), dev)
+        return {"acc": _acc(clean, clean_labels), "asr": _acc(trig, target)}
+
+    with guards_eval_mode(model, "running"):
+        result = {"per_sample": pure()}
+    with guards_eval_mode(model, "batch"):
+        clean, rows, trig = _mixed_predictions(model, clean_images, trig_x, batches, dev)
+        hits = trig == target[rows]
+        result["mixed"] = {
+            "acc": _acc(clean, clean_labels),
+            "asr": _per_image_rate(hits, rows, trig_x.shape[0]),
+        }
+        result["pure"] = pure()
+    return result

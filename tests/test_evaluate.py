@@ -1,0 +1,263 @@
+"""Tests for eglib.evaluate: ACC, ASR and the per-sample / mixed / pure protocols."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from eglib.evaluate import (
+    accuracy,
+    attack_success_rate,
+    evaluate_protocols,
+    guards_eval_mode,
+    mixed_batches,
+    predict,
+)
+from eglib.guard import insert_guard
+from eglib.models import make_model
+from eglib.models.base import StagedNet, StageInfo
+from eglib.train import TrainSettings, train_model
+
+SIZE = 16
+
+
+@dataclass(frozen=True)
+class _Triggered:
+    """Shaped like eglib.poison.TriggeredSet (only what evaluation reads)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    source_labels: torch.Tensor
+
+
+class _CentreGuard(nn.Module):
+    """A batch-wise stand-in guard: subtracts the batch mean ('batch' mode, and training) or a
+    fixed running estimate ('running'), so 'batch' predictions depend on the other images."""
+
+    running: torch.Tensor
+
+    def __init__(self, running: float | torch.Tensor = 0.0) -> None:
+        super().__init__()
+        self.eval_mode = "running"
+        self.register_buffer("running", torch.as_tensor(running, dtype=torch.float32))
+        self.modes_seen: list[tuple[str, int]] = []
+        self.fail = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.modes_seen.append((self.eval_mode, x.shape[0]))
+        if self.fail:
+            raise RuntimeError("guard failed")
+        if self.training or self.eval_mode == "batch":
+            return x - x.mean(0, keepdim=True)
+        return x - self.running
+
+
+def _brightness_model(
+    running: float = 0.3, threshold: float = 0.45
+) -> tuple[StagedNet, _CentreGuard]:
+    """Class 1 iff the (guarded) mean brightness exceeds `threshold`: an analytic model."""
+    linear = nn.Linear(1, 2)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[0.0], [1.0]]))
+        linear.bias.copy_(torch.tensor([threshold, 0.0]))
+    model = StagedNet(
+        OrderedDict(stem=nn.AdaptiveAvgPool2d(1)),
+        nn.Sequential(nn.Flatten(1), linear),
+        [StageInfo("stem", 1, SIZE)],
+        num_classes=2,
+        in_channels=1,
+    )
+    guard = _CentreGuard(running)
+    model.guards["stem"] = guard
+    return model, guard
+
+
+def _flat(n: int, value: int) -> torch.Tensor:
+    return torch.full((n, 1, SIZE, SIZE), value, dtype=torch.uint8)
+
+
+def _random_set(n: int, seed: int, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise images of varied brightness and contrast (so predictions vary), random labels."""
+    g = torch.Generator().manual_seed(seed)
+    low, span = torch.rand(2, n, 1, 1, 1, generator=g)
+    noise = torch.rand(n, 1, SIZE, SIZE, generator=g)
+    images = ((low * (1 - span) + span * noise) * 255).to(torch.uint8)
+    return images, torch.randint(0, classes, (n,), generator=g)
+
+
+def _cnn(seed: int = 0) -> StagedNet:
+    torch.manual_seed(seed)
+    model = make_model("cnn-small", 10, in_channels=1)
+    # random BatchNorm statistics and a strong head: an untrained model with varied predictions
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert m.running_mean is not None and m.running_var is not None
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=3.0)
+    return model.eval()
+
+
+def test_predict_independent_of_batching_and_keeps_mode() -> None:
+    model = _cnn()
+    images, _ = _random_set(50, seed=1)
+    model.train()
+    preds = predict(model, images, batch_size=7, device="cpu")
+    assert model.training  # train/eval flag restored
+    assert preds.dtype == torch.int64 and preds.shape == (50,)
+    assert torch.equal(preds, predict(model, images, batch_size=512))
+    assert len(preds.unique()) > 1  # a meaningful comparison: not one constant class
+    with pytest.raises(ValueError, match="uint8"):
+        predict(model, images.float())
+    with pytest.raises(ValueError, match="batch_size=0"):
+        predict(model, images, batch_size=0)
+
+
+def test_accuracy_and_asr_match_definitions() -> None:
+    model = _cnn()
+    images, labels = _random_set(60, seed=2)
+    preds = predict(model, images)
+    labels[:20] = preds[:20]  # 20 certainly right; the rest right by chance only
+    expected = (preds == labels).double().mean().item()
+    assert accuracy(model, images, labels, batch_size=16) == pytest.approx(expected)
+
+    target = preds.clone()
+    target[30:] = (preds[30:] + 1) % 10  # rows 0..29 hit the target, 30..59 miss it
+    source = (target + 3) % 10
+    source[:10] = target[:10]  # ten hits whose source is the target: they must not count
+    asr = attack_success_rate(model, images, target, source, batch_size=16)
+    assert asr == pytest.approx(20 / 50)
+    with pytest.raises(ValueError, match="source label different"):
+        attack_success_rate(model, images, target, target)
+    with pytest.raises(ValueError, match="target_labels must be int64"):
+        attack_success_rate(model, images, target[:5], source)
+
+
+def test_mixed_batches_construction() -> None:
+    g = torch.Generator().manual_seed(0)
+    batches = mixed_batches(1000, 900, 0.1, 256, g)
+    clean = torch.cat([c for c, _ in batches])
+    trig = torch.cat([t for _, t in batches])
+    assert torch.equal(clean.sort().values, torch.arange(1000))  # each clean image once
+    assert len(trig.unique()) == len(trig) <= 900  # each triggered image at most once
+    for c, t in batches:
+        assert 200 <= len(c) + len(t) <= 256
+        assert abs(len(t) / (len(c) + len(t)) - 0.1) < 0.01
+    again = mixed_batches(1000, 900, 0.1, 256, torch.Generator().manual_seed(0))
+    assert all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        for a, b in zip(batches, again, strict=True)
+    )
+    # few triggered images: they are reused in fresh permutations, all of them
+    few = mixed_batches(1000, 30, 0.1, 256, torch.Generator().manual_seed(0))
+    trig_few = torch.cat([t for _, t in few])
+    assert len(trig_few) > 30 and torch.equal(trig_few.unique(), torch.arange(30))
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="poison_rate"):
+            mixed_batches(10, 10, bad, 8, g)
+    with pytest.raises(ValueError, match="batch_size=1"):
+        mixed_batches(10, 10, 0.1, 1, g)
+
+
+def test_protocols_identical_without_guards() -> None:
+    model = _cnn()
+    clean_x, clean_y = _random_set(120, seed=3)
+    trig_x, source = _random_set(80, seed=4)
+    target = torch.full_like(source, 3)
+    preds = predict(model, clean_x)
+    clean_y[:60] = preds[:60]  # accuracy well away from 0
+    result = evaluate_protocols(
+        model, clean_x, clean_y, _Triggered(trig_x, target, source), poison_rate=0.1, batch_size=32
+    )
+    assert set(result) == {"per_sample", "mixed", "pure"}
+    assert result["per_sample"] == result["mixed"] == result["pure"]
+    assert result["pure"]["acc"] == pytest.approx(accuracy(model, clean_x, clean_y))
+    assert result["pure"]["asr"] == pytest.approx(
+        attack_success_rate(model, trig_x, target, source)
+    )
+    assert result["pure"]["acc"] >= 0.5
+
+
+def test_protocols_apply_the_guard_modes_and_the_poison_rate() -> None:
+    # clean images of brightness 0.2 (class 0), triggered of 0.8 wanting class 1
+    model, guard = _brightness_model(running=0.3, threshold=0.45)
+    clean_x, clean_y = _flat(300, 51), torch.zeros(300, dtype=torch.int64)
+    trig = _Triggered(_flat(200, 204), torch.ones(200, dtype=torch.int64), torch.zeros(200).long())
+    low = evaluate_protocols(model, clean_x, clean_y, trig, poison_rate=0.1, batch_size=50)
+    # per-sample: 0.8 - 0.3 > 0.45 -> the trigger works; each image on its own
+    assert low["per_sample"] == {"acc": 1.0, "asr": 1.0}
+    # mixed at 10 %: the batch mean ~0.26 keeps 0.8 - 0.26 > 0.45 -> still class 1
+    assert low["mixed"] == {"acc": 1.0, "asr": 1.0}
+    # pure: a batch of identical triggered images is centred to 0 -> class 0
+    assert low["pure"] == {"acc": 1.0, "asr": 0.0}
+    # at 40 % poison the batch mean ~0.44: 0.8 - 0.44 < 0.45 -> the trigger fails
+    high = evaluate_protocols(model, clean_x, clean_y, trig, poison_rate=0.4, batch_size=50)
+    assert high["mixed"]["asr"] == 0.0 and high["mixed"]["acc"] == 1.0
+    modes = {mode for mode, _ in guard.modes_seen}
+    assert modes == {"running", "batch"} and guard.eval_mode == "running"  # restored
+
+
+def test_per_sample_protocol_independent_of_batching() -> None:
+    model = _cnn()
+    model.guards["layer1"] = _CentreGuard(torch.zeros(16, 1, 1))
+    clean_x, clean_y = _random_set(90, seed=5)
+    trig_x, source = _random_set(70, seed=6)
+    trig = _Triggered(trig_x, (source + 1) % 10, source)
+    small = evaluate_protocols(model, clean_x, clean_y, trig, poison_rate=0.1, batch_size=6)
+    large = evaluate_protocols(model, clean_x, clean_y, trig, poison_rate=0.1, batch_size=64)
+    assert small["per_sample"] == large["per_sample"]
+    # the batch-wise protocols do depend on the batches (else this test would prove nothing)
+    assert small["pure"] != large["pure"] or small["mixed"] != large["mixed"]
+
+
+def test_real_eigenguard_per_sample_independent_of_batching() -> None:
+    model = _cnn()
+    guard = insert_guard(model, k=3)
+    clean_x, clean_y = _random_set(90, seed=7)
+    train_model(
+        model,
+        clean_x,
+        clean_y,
+        TrainSettings(epochs=1, batch_size=30, augment=False),
+        seed=0,
+        device="cpu",
+        progress=False,
+    )
+    trig_x, source = _random_set(40, seed=8)
+    trig = _Triggered(trig_x, torch.full_like(source, 2), source)
+    small = evaluate_protocols(model, clean_x, clean_y, trig, poison_rate=0.1, batch_size=10)
+    large = evaluate_protocols(model, clean_x, clean_y, trig, poison_rate=0.1, batch_size=64)
+    assert small["per_sample"] == large["per_sample"]
+    assert guard.eval_mode == "running"
+
+
+def test_guard_modes_restored_on_error() -> None:
+    model, guard = _brightness_model()
+    guard.eval_mode = "custom"
+    with guards_eval_mode(model, "batch"):
+        assert guard.eval_mode == "batch"
+    assert guard.eval_mode == "custom"
+    guard.fail = True
+    clean_x, clean_y = _flat(10, 51), torch.zeros(10, dtype=torch.int64)
+    trig = _Triggered(_flat(10, 204), torch.ones(10, dtype=torch.int64), torch.zeros(10).long())
+    with pytest.raises(RuntimeError, match="guard failed"):
+        evaluate_protocols(model, clean_x, clean_y, trig, poison_rate=0.1, batch_size=8)
+    assert guard.eval_mode == "custom"
+
+
+def test_protocols_reject_bad_input() -> None:
+    model, _ = _brightness_model()
+    clean_x, clean_y = _flat(10, 51), torch.zeros(10, dtype=torch.int64)
+    trig = _Triggered(_flat(10, 204), torch.ones(10, dtype=torch.int64), torch.zeros(10).long())
+    with pytest.raises(ValueError, match="poison_rate"):
+        evaluate_protocols(model, clean_x, clean_y, trig, poison_rate=0.0)
+    with pytest.raises(ValueError, match="clean_labels must be int64"):
+        evaluate_protocols(model, clean_x, clean_y[:3], trig, poison_rate=0.1)
+    odd = _Triggered(torch.zeros(10, 1, 8, 8, dtype=torch.uint8), trig.labels, trig.source_labels)
+    with pytest.raises(ValueError, match="differ in shape"):
+        evaluate_protocols(model, clean_x, clean_y, odd, poison_rate=0.1)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 PROFILE_ENV = "EGLIB_PROFILE"
@@ -33,7 +31,9 @@ PROFILES: dict[str, Profile] = {
     # the `make demo` run: a few minutes on 2 CPU cores
     "demo": Profile("demo", train_size=20000, test_size=5000, epochs=4, batch_size=128, seeds=(0,)),
     # the figures and tables under figures/
-    "full": Profile("full", train_size=None, test_size=None, epochs=15, batch_size=128, seeds=(0, 1, 2)),
+    "full": Profile(
+        "full", train_size=None, test_size=None, epochs=15, batch_size=128, seeds=(0, 1, 2)
+    ),
 }
 
 
@@ -41,7 +41,9 @@ def get_profile(name: str | None = None) -> Profile:
     """Return the named profile, or the one EGLIB_PROFILE names (default `full`)."""
     chosen = name if name is not None else os.environ.get(PROFILE_ENV, "full")
     if chosen not in PROFILES:
-        raise ValueError(f"unknown profile {chosen!r} (from {PROFILE_ENV}); allowed: {sorted(PROFILES)}")
+        raise ValueError(
+            f"unknown profile {chosen!r} (from {PROFILE_ENV}); allowed: {sorted(PROFILES)}"
+        )
     return PROFILES[chosen]
 
 
@@ -59,11 +61,3 @@ def cache_dir() -> Path:
     path = Path(root) if root else Path.home() / ".cache" / "eglib"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed python, numpy and torch; return a CPU torch.Generator seeded the same way."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)

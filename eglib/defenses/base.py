@@ -93,8 +93,12 @@ def make_defense(name: str, **params: Any) -> Defense:
     return DEFENSES[name](**params)
 
 
-def train_on(ctx: DefenseContext, model: StagedNet, keep: torch.Tensor | None = None,
-             callbacks: Sequence[Any] = ()) -> list[dict[str, Any]]:
+def train_on(
+    ctx: DefenseContext,
+    model: StagedNet,
+    keep: torch.Tensor | None = None,
+    callbacks: Sequence[Any] = (),
+) -> list[dict[str, Any]]:
     """Train `model` on the context's data, restricted to the boolean mask `keep` if given."""
     images, labels = ctx.images, ctx.labels
     if keep is not None:

@@ -52,7 +52,9 @@ class EigenGuardDefense(Defense):
         """Train the guarded model on all the data."""
         model = self.build_model(ctx)
         train_on(ctx, model)
-        return DefenseOutcome(model, {"guard_stage": self.at or getattr(model, "default_guard_stage", None)})
+        return DefenseOutcome(
+            model, {"guard_stage": self.at or getattr(model, "default_guard_stage", None)}
+        )
 
     def params(self) -> dict[str, Any]:
         """`at` and the guard's parameters, flat."""

@@ -1,0 +1,163 @@
+"""`python -m eglib`: train one experiment, the demo, the attack gallery, sweeps, the figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+FIGURES = Path("figures")
+
+
+def _parse_params(pairs: Sequence[str]) -> dict[str, Any]:
+    """`key=value` pairs; values parsed as JSON when they parse (numbers, true, null), else text."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"bad parameter {pair!r}: expected key=value")
+        key, raw = pair.split("=", 1)
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params
+
+
+def _print_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    """A plain-text table of selected columns (percentages for ACC/ASR)."""
+
+    def fmt(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{100 * value:6.2f}" if value <= 1.0 else f"{value:8.1f}"
+        return str(value)
+
+    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in rows:
+        print("  ".join(fmt(row.get(c, "")).ljust(w) for c, w in zip(columns, widths, strict=True)))
+
+
+PROTOCOL_COLUMNS = [
+    "acc_per_sample",
+    "asr_per_sample",
+    "acc_mixed",
+    "asr_mixed",
+    "acc_pure",
+    "asr_pure",
+]
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Run one experiment and print its metrics."""
+    from eglib.experiments import ExperimentConfig, record_row, run_experiment
+
+    overrides: dict[str, Any] = {
+        "dataset": args.dataset,
+        "model": args.model,
+        "attack": None if args.attack == "none" else args.attack,
+        "attack_params": _parse_params(args.attack_param),
+        "poison_rate": args.rate,
+        "defense": args.defense,
+        "defense_params": _parse_params(args.defense_param),
+        "seed": args.seed,
+    }
+    overrides.update(
+        {k: v for k, v in {"epochs": args.epochs, "train_size": args.train_size}.items() if v}
+    )
+    cfg = ExperimentConfig.from_profile(args.profile, **overrides)
+    result = run_experiment(cfg, cache=not args.no_cache)
+    row = record_row(result.record)
+    _print_rows(
+        [row], ["dataset", "model", "attack", "defense", "seed", "acc", "asr", *PROTOCOL_COLUMNS]
+    )
+    print(json.dumps(row))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """BadNets 10 % on Fashion-MNIST, cnn-small with and without EigenGuard; figures/demo/."""
+    from eglib.demo import run_demo
+
+    run_demo(profile=args.profile, out_dir=FIGURES / "demo")
+
+
+def cmd_gallery(args: argparse.Namespace) -> None:
+    """figures/attacks.png: clean, poisoned and amplified difference for every attack."""
+    from eglib.plots import attack_gallery, save_figure
+
+    fig = attack_gallery(seed=args.seed)
+    save_figure(fig, FIGURES / "attacks.png")
+    print(f"wrote {FIGURES / 'attacks.png'}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """Run a grid file in parallel processes, skip cached runs, write one CSV."""
+    from eglib.sweep import load_grid, run_grid, write_csv
+
+    configs = load_grid(args.grid)
+    rows = run_grid(configs, jobs=args.jobs)
+    write_csv(rows, args.out)
+    _print_rows(rows, ["attack", "defense", "seed", "acc", "asr", *PROTOCOL_COLUMNS])
+    print(f"wrote {args.out}")
+
+
+def cmd_figures(args: argparse.Namespace) -> None:
+    """Regenerate the figures and tables under figures/ (profile: --profile or EGLIB_PROFILE)."""
+    from eglib.studies import make_figures
+
+    make_figures(profile=args.profile, out_dir=FIGURES, only=args.only)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(prog="python -m eglib", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help=cmd_train.__doc__)
+    train.add_argument("--dataset", default="fashion-mnist")
+    train.add_argument("--model", default="cnn-small")
+    train.add_argument(
+        "--attack", default="badnets", help="an attack name, or 'none' for clean training"
+    )
+    train.add_argument("--attack-param", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("--rate", type=float, default=0.1, help="poison rate")
+    train.add_argument("--defense", default="none")
+    train.add_argument("--defense-param", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--train-size", type=int)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--profile", help="ci, demo or full (default: EGLIB_PROFILE, else full)")
+    train.add_argument("--no-cache", action="store_true")
+    train.set_defaults(func=cmd_train)
+
+    demo = sub.add_parser("demo", help=cmd_demo.__doc__)
+    demo.add_argument("--profile", default="demo")
+    demo.set_defaults(func=cmd_demo)
+
+    gallery = sub.add_parser("gallery", help=cmd_gallery.__doc__)
+    gallery.add_argument("--seed", type=int, default=0)
+    gallery.set_defaults(func=cmd_gallery)
+
+    sweep = sub.add_parser("sweep", help=cmd_sweep.__doc__)
+    sweep.add_argument("grid", help="a YAML or JSON grid file")
+    sweep.add_argument("--jobs", type=int, default=1)
+    sweep.add_argument("--out", default="sweep.csv")
+    sweep.set_defaults(func=cmd_sweep)
+
+    figures = sub.add_parser("figures", help=cmd_figures.__doc__)
+    figures.add_argument("--profile")
+    figures.add_argument("--only", action="append", help="a study name (repeatable)")
+    figures.set_defaults(func=cmd_figures)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point."""
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,347 @@
+"""One experiment = a frozen config -> a run -> a plain-JSON record; runs cached by config hash."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eglib import config as egconfig
+from eglib.data import dataset_info, load_dataset, take_subset
+from eglib.defenses import DefenseContext, make_defense
+from eglib.evaluate import accuracy, attack_success_rate, evaluate_protocols
+from eglib.io import (
+    config_hash,
+    environment_info,
+    load_state,
+    read_json,
+    save_state_atomic,
+    write_json_atomic,
+)
+from eglib.models import make_model
+from eglib.models.base import StagedNet
+from eglib.poison import PoisonedSet, TriggeredSet, backdoor_testset, make_attack, poison_dataset
+from eglib.train import TrainSettings, train_model
+
+RECORD_VERSION = 1
+
+Params = tuple[tuple[str, Any], ...]
+
+
+def _freeze(params: dict[str, Any] | Params | None) -> Params:
+    """Parameters as a sorted tuple of pairs, so configs stay hashable and order-free."""
+    items = params.items() if isinstance(params, dict) else (params or ())
+    return tuple(sorted((str(k), v) for k, v in items))
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that determines a run; two equal configs give the same record and model."""
+
+    dataset: str = "fashion-mnist"
+    model: str = "cnn-small"
+    attack: str | None = "badnets"
+    attack_params: Params = ()
+    poison_rate: float = 0.1
+    target: int = 0
+    defense: str = "none"
+    defense_params: Params = ()
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 0.05
+    train_size: int | None = None  # training images before the clean reserve (None: all)
+    test_size: int | None = None
+    clean_reserve: float = 0.05  # fraction of the training split held out clean for FT/NAD/ANP
+    track_stages: tuple[str, ...] = ()  # stages whose effective rank is recorded per epoch
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attack_params", _freeze(self.attack_params))
+        object.__setattr__(self, "defense_params", _freeze(self.defense_params))
+        object.__setattr__(self, "track_stages", tuple(self.track_stages))
+        if self.attack is not None and not 0.0 < self.poison_rate <= 1.0:
+            raise ValueError(f"poison_rate={self.poison_rate}; must be in (0, 1]")
+        if not 0.0 <= self.clean_reserve < 0.5:
+            raise ValueError(f"clean_reserve={self.clean_reserve}; must be in [0, 0.5)")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError(
+                f"epochs={self.epochs}, batch_size={self.batch_size}; need >= 1 and >= 2"
+            )
+
+    @classmethod
+    def from_profile(
+        cls, profile: str | egconfig.Profile | None = None, **overrides: Any
+    ) -> ExperimentConfig:
+        """A config sized by a profile (EGLIB_PROFILE when None), with explicit overrides."""
+        prof = profile if isinstance(profile, egconfig.Profile) else egconfig.get_profile(profile)
+        sized: dict[str, Any] = {
+            "epochs": prof.epochs,
+            "batch_size": prof.batch_size,
+            "train_size": prof.train_size,
+            "test_size": prof.test_size,
+            "seed": prof.seeds[0],
+        }
+        return cls(**{**sized, **overrides})
+
+    def replace(self, **changes: Any) -> ExperimentConfig:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data."""
+        data = dataclasses.asdict(self)
+        data["attack_params"] = dict(self.attack_params)
+        data["defense_params"] = dict(self.defense_params)
+        data["track_stages"] = list(self.track_stages)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
+        """Inverse of `to_dict`; unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; allowed: {sorted(names)}")
+        return cls(**data)
+
+    def key(self) -> str:
+        """The cache key: a hash of the config and the record format version."""
+        return config_hash({"config": self.to_dict(), "version": RECORD_VERSION})
+
+
+@dataclass
+class ExperimentData:
+    """The tensors of a run: poisoned training set, clean reserve, clean and triggered test sets."""
+
+    poisoned: PoisonedSet | None
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    reserve_images: torch.Tensor
+    reserve_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    triggered: TriggeredSet | None
+
+
+@dataclass
+class ExperimentResult:
+    """A finished run: its JSON record, the trained model (eval mode) and its data."""
+
+    config: ExperimentConfig
+    record: dict[str, Any]
+    model: StagedNet
+    data: ExperimentData = field(repr=False)
+
+
+def run_dir(cfg: ExperimentConfig) -> Path:
+    """The cache folder of a config's run."""
+    return egconfig.cache_dir() / "runs" / cfg.key()
+
+
+def prepare_data(cfg: ExperimentConfig) -> ExperimentData:
+    """Load, subsample, hold out the clean reserve, poison the rest, trigger the test set."""
+    info = dataset_info(cfg.dataset)
+    if not 0 <= cfg.target < info.num_classes:
+        raise ValueError(
+            f"target={cfg.target}; {cfg.dataset} has classes 0..{info.num_classes - 1}"
+        )
+    train_x, train_y = take_subset(*load_dataset(cfg.dataset, "train"), cfg.train_size, cfg.seed)
+    test_x, test_y = take_subset(*load_dataset(cfg.dataset, "test"), cfg.test_size, cfg.seed)
+    n_reserve = round(cfg.clean_reserve * len(train_y))
+    order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(cfg.seed + 1))
+    reserve, rest = order[:n_reserve].sort().values, order[n_reserve:].sort().values
+    data = ExperimentData(
+        poisoned=None,
+        train_images=train_x[rest],
+        train_labels=train_y[rest],
+        reserve_images=train_x[reserve],
+        reserve_labels=train_y[reserve],
+        test_images=test_x,
+        test_labels=test_y,
+        triggered=None,
+    )
+    if cfg.attack is not None:
+        attack = make_attack(
+            cfg.attack, target=cfg.target, num_classes=info.num_classes, **dict(cfg.attack_params)
+        )
+        data.poisoned = poison_dataset(
+            data.train_images, data.train_labels, attack, cfg.poison_rate, cfg.seed
+        )
+        data.train_images, data.train_labels = data.poisoned.images, data.poisoned.labels
+        data.triggered = backdoor_testset(test_x, test_y, attack, cfg.seed)
+    return data
+
+
+def _settings(cfg: ExperimentConfig) -> TrainSettings:
+    info = dataset_info(cfg.dataset)
+    return TrainSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, hflip=info.hflip)
+
+
+def _epoch_metrics(data: ExperimentData, n: int = 1000) -> Any:
+    """A per-epoch evaluation: ACC on up to n clean test images, ASR on up to n triggered ones."""
+
+    def evaluate_epoch(model: StagedNet) -> dict[str, float]:
+        row = {"acc": accuracy(model, data.test_images[:n], data.test_labels[:n])}
+        if data.triggered is not None:
+            trig = data.triggered
+            row["asr"] = attack_success_rate(
+                model, trig.images[:n], trig.labels[:n], trig.source_labels[:n]
+            )
+        return row
+
+    return evaluate_epoch
+
+
+def _build_context(
+    cfg: ExperimentConfig,
+    data: ExperimentData,
+    device: torch.device,
+    progress: bool,
+    checkpoint: Path | None,
+) -> DefenseContext:
+    info = dataset_info(cfg.dataset)
+    settings = _settings(cfg)
+    callbacks_default: list[Any] = []
+    if cfg.track_stages and data.triggered is not None:
+        from eglib.spectral import RankTracker
+
+        clean_rows = data.triggered.idx  # the same test images, clean and triggered
+        callbacks_default.append(
+            RankTracker(
+                data.test_images[clean_rows], data.triggered.images, cfg.track_stages, seed=cfg.seed
+            )
+        )
+    first_run = [checkpoint]
+
+    def trainer(
+        model: StagedNet,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        callbacks: tuple[Any, ...] = (),
+    ) -> list[dict[str, Any]]:
+        # Only the first (main) training of a run checkpoints, so an interrupted run resumes.
+        ckpt, first_run[0] = first_run[0], None
+        return train_model(
+            model,
+            images,
+            labels,
+            settings,
+            seed=cfg.seed,
+            device=device,
+            callbacks=[*callbacks_default, *callbacks],
+            progress=progress,
+            checkpoint_path=ckpt,
+            eval_fn=_epoch_metrics(data),
+        )
+
+    poison_idx = (
+        data.poisoned.poison_idx if data.poisoned is not None else torch.empty(0, dtype=torch.long)
+    )
+    return DefenseContext(
+        images=data.train_images,
+        labels=data.train_labels,
+        poison_idx=poison_idx,
+        clean_images=data.reserve_images,
+        clean_labels=data.reserve_labels,
+        num_classes=info.num_classes,
+        model_factory=lambda: make_model(cfg.model, info.num_classes, info.in_channels),
+        train=trainer,
+        seed=cfg.seed,
+        device=device,
+        progress=progress,
+    )
+
+
+def evaluate_run(model: StagedNet, cfg: ExperimentConfig, data: ExperimentData) -> dict[str, Any]:
+    """Clean ACC and, for an attack, ASR under the three protocols (per-sample, mixed, pure)."""
+    metrics: dict[str, Any] = {"acc": accuracy(model, data.test_images, data.test_labels)}
+    if data.triggered is not None:
+        protocols = evaluate_protocols(
+            model,
+            data.test_images,
+            data.test_labels,
+            data.triggered,
+            poison_rate=cfg.poison_rate,
+            seed=cfg.seed,
+        )
+        metrics["protocols"] = protocols
+        metrics["asr"] = protocols["per_sample"]["asr"]
+    return metrics
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    *,
+    cache: bool = True,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> ExperimentResult:
+    """Run (or load from the cache) one experiment; the record is plain JSON data."""
+    dev = torch.device(device) if device is not None else egconfig.default_device()
+    folder = run_dir(cfg)
+    record_path, model_path = folder / "record.json", folder / "model.pt"
+    data = prepare_data(cfg)
+    defense = make_defense(cfg.defense, **dict(cfg.defense_params))
+    if cache and record_path.exists() and model_path.exists():
+        record = read_json(record_path)
+        ctx = _build_context(cfg, data, dev, progress=False, checkpoint=None)
+        model = defense.build_model(ctx)
+        model.load_state_dict(load_state(model_path))
+        return ExperimentResult(cfg, record, model.to(dev).eval(), data)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ctx = _build_context(
+        cfg, data, dev, progress, checkpoint=folder / "checkpoint.pt" if cache else None
+    )
+    start = time.perf_counter()
+    outcome = defense.run(ctx)
+    train_seconds = time.perf_counter() - start
+    model = outcome.model.to(dev).eval()
+    start = time.perf_counter()
+    metrics = evaluate_run(model, cfg, data)
+    record = {
+        "version": RECORD_VERSION,
+        "key": cfg.key(),
+        "config": cfg.to_dict(),
+        "metrics": metrics,
+        "history": ctx.history,
+        "defense": {"name": cfg.defense, "params": defense.params(), "info": outcome.info},
+        "poison": None
+        if data.poisoned is None
+        else {
+            "attack": data.poisoned.attack_name,
+            "params": data.poisoned.attack_params,
+            "n_poisoned": len(data.poisoned.poison_idx),
+            "n_train": len(data.train_labels),
+        },
+        "timings": {"train_s": train_seconds, "eval_s": time.perf_counter() - start},
+        "environment": environment_info(),
+    }
+    json.dumps(record)  # fails loudly here, not in the cache, if anything is not plain data
+    if cache:
+        save_state_atomic(model_path, model.state_dict())
+        write_json_atomic(record_path, record)
+        (folder / "checkpoint.pt").unlink(missing_ok=True)
+    return ExperimentResult(cfg, record, model, data)
+
+
+def record_row(record: dict[str, Any]) -> dict[str, Any]:
+    """A flat table row of a record: the config fields, ACC, ASR and each protocol's ACC/ASR."""
+    cfg = record["config"]
+    row: dict[str, Any] = {k: v for k, v in cfg.items() if not isinstance(v, (dict, list))}
+    row.update({f"attack.{k}": v for k, v in cfg["attack_params"].items()})
+    row.update({f"defense.{k}": v for k, v in cfg["defense_params"].items()})
+    metrics = record["metrics"]
+    row["acc"] = metrics["acc"]
+    row["asr"] = metrics.get("asr")
+    for protocol, values in metrics.get("protocols", {}).items():
+        row[f"acc_{protocol}"] = values["acc"]
+        row[f"asr_{protocol}"] = values["asr"]
+    row["train_s"] = record["timings"]["train_s"]
+    row["key"] = record["key"]
+    return row

@@ -1,0 +1,95 @@
+"""Grids of experiments from a small YAML/JSON file, run in parallel processes, one CSV out."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from eglib.experiments import ExperimentConfig, record_row, run_dir, run_experiment
+from eglib.io import write_text_atomic
+
+
+def load_grid(path: str | Path) -> list[ExperimentConfig]:
+    """Configs of a grid file: `profile`, `base` (fixed fields), `grid` (field -> list of values).
+
+    Example (YAML): `{profile: ci, base: {attack: badnets}, grid: {defense: [none, eigenguard],
+    seed: [0, 1, 2]}}` gives 6 configs. A grid key may be a dotted name such as
+    `defense_params.k` to vary one parameter of a dict field.
+    """
+    text = Path(path).read_text()
+    spec = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    allowed = {"profile", "base", "grid"}
+    if not isinstance(spec, dict) or set(spec) - allowed:
+        raise ValueError(f"grid file {path}: top-level keys must be among {sorted(allowed)}")
+    return expand_grid(spec.get("base", {}), spec.get("grid", {}), spec.get("profile"))
+
+
+def expand_grid(
+    base: dict[str, Any], grid: dict[str, Sequence[Any]], profile: str | None = None
+) -> list[ExperimentConfig]:
+    """The cartesian product of `grid` over `base`, sized by `profile`."""
+    for name, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"grid entry {name!r} must be a non-empty list, got {values!r}")
+    configs = []
+    for combo in itertools.product(*grid.values()):
+        fields: dict[str, Any] = json.loads(json.dumps(base))  # deep copy of plain data
+        for name, value in zip(grid, combo, strict=True):
+            if "." in name:
+                outer, inner = name.split(".", 1)
+                fields.setdefault(outer, {})[inner] = value
+            else:
+                fields[name] = value
+        configs.append(ExperimentConfig.from_profile(profile, **fields))
+    return configs
+
+
+def _run_one(cfg: ExperimentConfig, threads: int) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    return record_row(run_experiment(cfg, progress=False).record)
+
+
+def run_grid(
+    configs: Iterable[ExperimentConfig], *, jobs: int = 1, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Run every config (cached ones are loaded, not rerun) in `jobs` processes; rows in order."""
+    configs = list(configs)
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs}; must be >= 1")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    cached = sum((run_dir(c) / "record.json").exists() for c in configs)
+    rows: list[dict[str, Any] | None] = [None] * len(configs)
+    bar = tqdm(total=len(configs), desc=f"sweep ({cached} cached)", disable=not progress)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(_run_one, cfg, threads): i for i, cfg in enumerate(configs)}
+        for future in as_completed(futures):
+            rows[futures[future]] = future.result()
+            bar.update()
+    bar.close()
+    return [r for r in rows if r is not None]
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Write rows (union of their keys as columns, in first-seen order) to a CSV, atomically."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())

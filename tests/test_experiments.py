@@ -1,0 +1,105 @@
+"""The experiments layer: configs, records, the three protocols, the on-disk cache, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import eglib.experiments as experiments
+from eglib.__main__ import main
+from eglib.config import PROFILES, Profile
+from eglib.experiments import ExperimentConfig, prepare_data, record_row, run_dir, run_experiment
+
+TINY = dict(epochs=1, batch_size=32, train_size=None, test_size=None, lr=0.05)
+
+
+def test_config_is_hashable_order_free_and_round_trips() -> None:
+    a = ExperimentConfig(defense_params={"k": 4, "rule": "kth"}, **TINY)
+    b = ExperimentConfig(defense_params={"rule": "kth", "k": 4}, **TINY)
+    assert a == b and a.key() == b.key() and hash(a) == hash(b)
+    assert ExperimentConfig.from_dict(json.loads(json.dumps(a.to_dict()))) == a
+    assert a.replace(seed=1).key() != a.key()
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"poison_rate": 0.0}, "poison_rate"),
+        ({"clean_reserve": 0.6}, "clean_reserve"),
+        ({"batch_size": 1}, "batch_size"),
+    ],
+)
+def test_config_rejects_bad_values(bad: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ExperimentConfig(**{**TINY, **bad})
+
+
+def test_from_dict_names_unknown_keys() -> None:
+    with pytest.raises(ValueError, match="unknown config keys \\['colour'\\]"):
+        ExperimentConfig.from_dict({"colour": "red"})
+
+
+def test_from_profile_sizes_and_overrides() -> None:
+    cfg = ExperimentConfig.from_profile("ci", attack="blend")
+    assert (cfg.train_size, cfg.epochs) == (PROFILES["ci"].train_size, PROFILES["ci"].epochs)
+    assert cfg.attack == "blend"
+
+
+def test_prepare_data_splits_reserve_and_poisons_only_training(tiny_fashion) -> None:
+    cfg = ExperimentConfig(clean_reserve=0.1, poison_rate=0.1, **TINY)
+    data = prepare_data(cfg)
+    assert len(data.reserve_labels) == 40 and len(data.train_labels) == 360
+    assert data.poisoned is not None and len(data.poisoned.poison_idx) == 36
+    assert torch.all(data.train_labels[data.poisoned.poison_idx] == cfg.target)
+    assert data.triggered is not None and torch.all(data.triggered.source_labels != cfg.target)
+
+
+def test_prepare_data_rejects_a_target_outside_the_classes(tiny_fashion) -> None:
+    with pytest.raises(ValueError, match="target=12"):
+        prepare_data(ExperimentConfig(target=12, **TINY))
+
+
+def test_run_records_protocols_and_is_cached(tiny_fashion, tmp_cache, monkeypatch) -> None:
+    cfg = ExperimentConfig(defense="eigenguard", defense_params={"k": 2}, **TINY)
+    first = run_experiment(cfg, progress=False)
+    record = first.record
+    json.dumps(record)
+    assert set(record["metrics"]["protocols"]) == {"per_sample", "mixed", "pure"}
+    assert record["key"] == cfg.key() and (run_dir(cfg) / "record.json").exists()
+    assert not (run_dir(cfg) / "checkpoint.pt").exists()
+    row = record_row(record)
+    assert {"acc_per_sample", "asr_mixed", "asr_pure", "defense.k"} <= set(row)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached run must not train again")
+
+    monkeypatch.setattr(experiments, "train_model", no_training)
+    again = run_experiment(cfg, progress=False)
+    assert again.record == record
+    assert "layer1" in again.model.guards
+    x = first.data.test_images[:8].float() / 255
+    assert torch.allclose(again.model(x), first.model(x), atol=1e-5)
+
+
+def test_cli_train_prints_a_row(tiny_fashion, tmp_cache, capsys, monkeypatch) -> None:
+    tiny = Profile("tiny", train_size=300, test_size=100, epochs=1, batch_size=32, seeds=(0,))
+    monkeypatch.setitem(PROFILES, "tiny", tiny)
+    main(
+        [
+            "train",
+            "--profile",
+            "tiny",
+            "--defense",
+            "eigenguard",
+            "--defense-param",
+            "k=2",
+            "--attack-param",
+            "size=4",
+        ]
+    )
+    out = capsys.readouterr().out.strip().splitlines()
+    row = json.loads(out[-1])
+    assert row["defense"] == "eigenguard" and row["defense.k"] == 2 and row["attack.size"] == 4
+    assert 0.0 <= row["asr_pure"] <= 1.0

@@ -27,10 +27,14 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     # seconds to minutes on 2 CPU cores: notebooks under nbmake, CI
-    "ci": Profile("ci", train_size=4000, test_size=1000, epochs=2, batch_size=128, seeds=(0,)),
+    "ci": Profile("ci", train_size=4000, test_size=1000, epochs=4, batch_size=64, seeds=(0,)),
     # the `make demo` run: a few minutes on 2 CPU cores
     "demo": Profile("demo", train_size=20000, test_size=5000, epochs=4, batch_size=128, seeds=(0,)),
-    # the figures and tables under figures/
+    # the committed figures and tables under figures/: what 2 CPU cores afford in about an hour
+    "lite": Profile(
+        "lite", train_size=10000, test_size=5000, epochs=6, batch_size=128, seeds=(0, 1, 2)
+    ),
+    # the research scale (whole data set, 3 seeds): hours on a CPU, minutes on a GPU
     "full": Profile(
         "full", train_size=None, test_size=None, epochs=15, batch_size=128, seeds=(0, 1, 2)
     ),

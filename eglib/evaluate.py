@@ -185,27 +185,38 @@ def mixed_batches(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Index pairs (clean rows, triggered rows) of the batches of the 'mixed' protocol.
 
-    Construction: every clean image is used exactly once, in a seeded random order, split
-    into B = ceil(n_clean / (batch_size - k)) near-equal chunks, k = round(poison_rate *
-    batch_size) clamped to [1, batch_size - 1]. A chunk of c clean images gets
-    max(1, round(c * r / (1 - r))) triggered images, so each batch holds triggered images at
-    the poison rate r and has about batch_size images. Triggered images are taken in a seeded
-    random order, each at most once while there are enough; if the batches need more than
-    n_triggered, the order is repeated with a fresh permutation each round.
+    Construction: every clean and every triggered image takes part at least once. The
+    triggered images need ceil(n_triggered * (1 - r) / r) clean companions to sit at the
+    poison rate r; the clean images are repeated (a fresh seeded permutation each round) when
+    there are fewer, and the triggered ones when there are more. Both sequences are split
+    into the same number of near-equal chunks, B = ceil(total / batch_size), so every batch
+    holds about batch_size images of which a fraction r is triggered.
     """
     if not 0 < poison_rate < 1:
         raise ValueError(f"poison_rate={poison_rate!r}; must be in (0, 1)")
     if batch_size < 2:
         raise ValueError(f"batch_size={batch_size}; a mixed batch needs >= 2 images")
-    k = min(max(round(poison_rate * batch_size), 1), batch_size - 1)
-    n_batches = math.ceil(n_clean / (batch_size - k))
-    clean_chunks = torch.tensor_split(torch.randperm(n_clean, generator=generator), n_batches)
+    if n_clean < 1 or n_triggered < 1:
+        raise ValueError(f"n_clean={n_clean}, n_triggered={n_triggered}; both must be >= 1")
     ratio = poison_rate / (1 - poison_rate)
-    counts = [max(1, round(len(c) * ratio)) for c in clean_chunks]
-    rounds = math.ceil(sum(counts) / n_triggered)
-    order = torch.cat([torch.randperm(n_triggered, generator=generator) for _ in range(rounds)])
-    trig_chunks = torch.split(order[: sum(counts)], counts)
-    return list(zip(clean_chunks, trig_chunks, strict=True))
+    slots_clean = max(n_clean, math.ceil(n_triggered / ratio))
+    slots_trig = max(n_triggered, round(slots_clean * ratio))
+    clean_order = _repeated_permutation(n_clean, slots_clean, generator)
+    trig_order = _repeated_permutation(n_triggered, slots_trig, generator)
+    n_batches = math.ceil((slots_clean + slots_trig) / batch_size)
+    return list(
+        zip(
+            torch.tensor_split(clean_order, n_batches),
+            torch.tensor_split(trig_order, n_batches),
+            strict=True,
+        )
+    )
+
+
+def _repeated_permutation(n: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """`length` indices in [0, n): seeded permutations of range(n), concatenated and cut."""
+    rounds = math.ceil(length / n)
+    return torch.cat([torch.randperm(n, generator=generator) for _ in range(rounds)])[:length]
 
 
 def _mixed_predictions(
@@ -214,16 +225,15 @@ def _mixed_predictions(
     triggered_images: torch.Tensor,
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Predictions in mixed batches: (clean preds (n_clean,), triggered rows, their preds)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Predictions in mixed batches: (clean rows, their preds, triggered rows, their preds)."""
     inputs = [torch.cat([clean_images[c], triggered_images[t]]) for c, t in batches]
     preds = predict_batches(model, inputs, device)
     sizes = [n for c, t in batches for n in (len(c), len(t))]
     parts = torch.split(preds, sizes)
     clean_rows = torch.cat([c for c, _ in batches])
-    clean_preds = torch.empty(clean_images.shape[0], dtype=torch.int64)
-    clean_preds[clean_rows] = torch.cat(parts[0::2])
-    return clean_preds, torch.cat([t for _, t in batches]), torch.cat(parts[1::2])
+    trig_rows = torch.cat([t for _, t in batches])
+    return clean_rows, torch.cat(parts[0::2]), trig_rows, torch.cat(parts[1::2])
 
 
 def _per_image_rate(hits: torch.Tensor, rows: torch.Tensor, n: int) -> float:
@@ -249,10 +259,9 @@ def evaluate_protocols(
 
     `triggered` is a `TriggeredSet` (images, labels = the attacker's targets, source_labels);
     only its samples whose source label differs from the target take part. 'mixed' builds
-    its batches with `mixed_batches` (seeded by `seed`): ACC over every clean image once, ASR
-    over the triggered images placed in those batches (a seeded subset when the clean images
-    cannot host them all at `poison_rate`; each image weighted once). Guards' eval modes are
-    restored afterwards, even on error.
+    its batches with `mixed_batches` (seeded by `seed`): every clean and triggered image takes
+    part, repeated where the poison rate needs it; ACC and ASR weigh each image once (the mean
+    of its repeats). Guards' eval modes are restored afterwards, even on error.
     """
     _check_images(clean_images, "clean_images")
     _check_labels(clean_labels, clean_images.shape[0], "clean_labels")
@@ -286,11 +295,12 @@ def evaluate_protocols(
     with guards_eval_mode(model, "running"):
         result = {"per_sample": pure()}
     with guards_eval_mode(model, "batch"):
-        clean, rows, trig = _mixed_predictions(model, clean_images, trig_x, batches, dev)
-        hits = trig == target[rows]
+        c_rows, c_preds, t_rows, t_preds = _mixed_predictions(
+            model, clean_images, trig_x, batches, dev
+        )
         result["mixed"] = {
-            "acc": _acc(clean, clean_labels),
-            "asr": _per_image_rate(hits, rows, trig_x.shape[0]),
+            "acc": _per_image_rate(c_preds == clean_labels[c_rows], c_rows, clean_images.shape[0]),
+            "asr": _per_image_rate(t_preds == target[t_rows], t_rows, trig_x.shape[0]),
         }
         result["pure"] = pure()
     return result

@@ -56,7 +56,7 @@ class ExperimentConfig:
     lr: float = 0.05
     # Random crop + flip shift a corner trigger and, in short runs on 28 px data, by themselves
     # suppress BadNets (measured: ASR 10 % with crop vs 98 % without, 4000 images, 4 epochs):
-    # off by default so the defence comparison does not credit augmentation; an ablation turns it on.
+    # off by default so the defence comparison does not credit augmentation (ablations turn it on).
     augment: bool = False
     train_size: int | None = None  # training images before the clean reserve (None: all)
     test_size: int | None = None
@@ -207,6 +207,13 @@ def _epoch_metrics(data: ExperimentData, n: int = 1000) -> Any:
     return evaluate_epoch
 
 
+def seeded_model(name: str, num_classes: int, in_channels: int, seed: int) -> StagedNet:
+    """A fresh model whose initial weights depend only on `seed`, not on the global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make_model(name, num_classes, in_channels)
+
+
 def _build_context(
     cfg: ExperimentConfig,
     data: ExperimentData,
@@ -259,7 +266,7 @@ def _build_context(
         clean_images=data.reserve_images,
         clean_labels=data.reserve_labels,
         num_classes=info.num_classes,
-        model_factory=lambda: make_model(cfg.model, info.num_classes, info.in_channels),
+        model_factory=lambda: seeded_model(cfg.model, info.num_classes, info.in_channels, cfg.seed),
         train=trainer,
         seed=cfg.seed,
         device=device,

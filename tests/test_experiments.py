@@ -103,3 +103,15 @@ def test_cli_train_prints_a_row(tiny_fashion, tmp_cache, capsys, monkeypatch) ->
     row = json.loads(out[-1])
     assert row["defense"] == "eigenguard" and row["defense.k"] == 2 and row["attack.size"] == 4
     assert 0.0 <= row["asr_pure"] <= 1.0
+
+
+def test_runs_do_not_depend_on_the_global_random_state(tiny_fashion, tmp_cache) -> None:
+    cfg = ExperimentConfig(**TINY)
+    torch.manual_seed(123)
+    first = run_experiment(cfg, cache=False, progress=False)
+    torch.manual_seed(456)
+    torch.rand(17)
+    second = run_experiment(cfg, cache=False, progress=False)
+    for name, tensor in first.model.state_dict().items():
+        assert torch.equal(tensor, second.model.state_dict()[name]), name
+    assert first.record["metrics"] == second.record["metrics"]

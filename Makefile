@@ -46,8 +46,12 @@ test: setup data browser lint
 test-fast: setup
 	$(CI_ENV) $(BIN)/pytest -q tests -m "not slow and not e2e"
 
+# JupyterLab on notebooks/; the ipywidgets extension comes with the pip dependencies (checked
+# here). Notebooks read EGLIB_PROFILE: `EGLIB_PROFILE=ci make lab` for the small, fast runs.
 lab: setup data
-	$(BIN)/jupyter lab notebooks
+	@$(BIN)/jupyter labextension list 2>&1 | grep -q '@jupyter-widgets/jupyterlab-manager.*enabled' \
+	  || { echo "JupyterLab lacks the ipywidgets extension: run make clean setup" >&2; exit 1; }
+	$(BIN)/jupyter lab --ServerApp.root_dir=notebooks $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 figures: setup data
 	EGLIB_PROFILE=full $(BIN)/python -m eglib figures

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The CPU wheel of torch lies on the CI/dev machines' disk; an unpinned torch pulls gigabytes of CUDA.
 TORCH_SPEC ?= torch==2.13.0
-CI_ENV := EGLIB_PROFILE=ci MPLBACKEND=Agg
+CI_ENV := EGLIB_PROFILE=ci MPLBACKEND=Agg OMP_WAIT_POLICY=PASSIVE
 
 .PHONY: setup data browser demo test test-fast lint lab figures bench clean
 

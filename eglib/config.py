@@ -32,7 +32,7 @@ PROFILES: dict[str, Profile] = {
     "demo": Profile("demo", train_size=20000, test_size=5000, epochs=4, batch_size=128, seeds=(0,)),
     # the committed figures and tables under figures/: what 2 CPU cores afford in about an hour
     "lite": Profile(
-        "lite", train_size=10000, test_size=5000, epochs=6, batch_size=128, seeds=(0, 1, 2)
+        "lite", train_size=8000, test_size=5000, epochs=4, batch_size=64, seeds=(0, 1, 2)
     ),
     # the research scale (whole data set, 3 seeds): hours on a CPU, minutes on a GPU
     "full": Profile(

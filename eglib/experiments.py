@@ -90,6 +90,7 @@ class ExperimentConfig:
             "test_size": prof.test_size,
             "seed": prof.seeds[0],
         }
+        _check_field_names(overrides)
         return cls(**{**sized, **overrides})
 
     def replace(self, **changes: Any) -> ExperimentConfig:
@@ -107,15 +108,20 @@ class ExperimentConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
         """Inverse of `to_dict`; unknown keys are an error naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; allowed: {sorted(names)}")
+        _check_field_names(data)
         return cls(**data)
 
     def key(self) -> str:
         """The cache key: a hash of the config and the record format version."""
         return config_hash({"config": self.to_dict(), "version": RECORD_VERSION})
+
+
+def _check_field_names(data: dict[str, Any]) -> None:
+    """ValueError naming the keys of `data` that are not ExperimentConfig fields."""
+    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; allowed: {sorted(names)}")
 
 
 @dataclass

@@ -47,7 +47,12 @@ def expand_grid(
         for name, value in zip(grid, combo, strict=True):
             if "." in name:
                 outer, inner = name.split(".", 1)
-                fields.setdefault(outer, {})[inner] = value
+                nested = fields.setdefault(outer, {})
+                if not isinstance(nested, dict):
+                    raise ValueError(
+                        f"grid key {name!r}: field {outer!r} is not a dict of parameters"
+                    )
+                nested[inner] = value
             else:
                 fields[name] = value
         configs.append(ExperimentConfig.from_profile(profile, **fields))

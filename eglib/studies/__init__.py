@@ -1,0 +1,102 @@
+"""The studies: one experiment family of the spec each (a notebook section and a figure).
+
+`STUDIES` maps a name to its module (`run(profile, progress=...) -> StudyResult`,
+`figures(result) -> {suffix: Figure}`); `make_figures` runs the chosen studies and writes
+`<out>/<name>[_<suffix>].png`, `<out>/<name>.csv` and `<out>/<name>.json` for each.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from eglib.config import get_profile
+from eglib.io import write_json_atomic
+from eglib.plots import save_figure
+from eglib.studies import (
+    ablations,
+    adaptive,
+    defence_table,
+    forced_dimension,
+    rank_vs_asr,
+    spectra,
+)
+from eglib.studies.base import Study, StudyResult
+from eglib.sweep import write_csv
+
+STUDIES: dict[str, Study] = {
+    "rank_vs_asr": rank_vs_asr,  # observation 1: effective rank per epoch next to ACC / ASR
+    "spectra": spectra,  # observation 2: singular spectra, top-k vs tail t-SNE, energy fractions
+    "forced_dimension": forced_dimension,  # observation 3: ASR/ACC vs k per rule + the default
+    "ablations": ablations,  # layer, k, tail factor, rule, poison rate, eval mode, architecture
+    "defence_table": defence_table,  # attacks x defences (ACC/ASR, 3 protocols) + detection
+    "adaptive": adaptive,  # high-rank and adversarial-noise attacks: trigger rank vs ASR/ACC
+}
+
+__all__ = ["STUDIES", "Study", "StudyResult", "figure_path", "make_figures", "write_study"]
+
+
+def figure_path(out_dir: str | Path, name: str, suffix: str) -> Path:
+    """Where a study's figure goes: `<out>/<name>.png`, or `<out>/<name>_<suffix>.png`."""
+    return Path(out_dir) / (f"{name}_{suffix}.png" if suffix else f"{name}.png")
+
+
+def write_study(
+    study: Study, result: StudyResult, out_dir: str | Path, seconds: float
+) -> list[Path]:
+    """Save a finished study's figures (PNG), rows (CSV) and provenance (JSON); return the paths."""
+    out = Path(out_dir)
+    name = result.name
+    written = [
+        save_figure(fig, figure_path(out, name, suffix))
+        for suffix, fig in study.figures(result).items()
+    ]
+    csv_path, json_path = out / f"{name}.csv", out / f"{name}.json"
+    write_csv(result.rows, csv_path)
+    extra_tables = getattr(study, "tables", None)
+    tables = []
+    for suffix, rows in (extra_tables(result) if extra_tables else {}).items():
+        tables.append(out / f"{name}_{suffix}.csv")
+        write_csv(rows, tables[-1])
+    command = f"python -m eglib figures --profile {shlex.quote(result.profile)} --only {name}"
+    write_json_atomic(
+        json_path,
+        {
+            "study": name,
+            "profile": result.profile,
+            "seeds": list(result.seeds),
+            "command": command,
+            "figures": [p.name for p in written],
+            "csv": csv_path.name,
+            "tables": [p.name for p in tables],
+            "rows": len(result.rows),
+            "seconds": round(seconds, 1),
+            "notes": result.notes,
+        },
+    )
+    return [*written, csv_path, *tables, json_path]
+
+
+def make_figures(
+    profile: str | None = None,
+    out_dir: str | Path = "figures",
+    only: Sequence[str] | None = None,
+    *,
+    progress: bool = True,
+) -> dict[str, list[Path]]:
+    """Run each chosen study (all when `only` is None) and write its PNG, CSV and JSON files."""
+    names = list(STUDIES) if not only else list(dict.fromkeys(only))
+    unknown = [n for n in names if n not in STUDIES]
+    if unknown:
+        raise KeyError(f"unknown study {unknown[0]!r}; allowed: {sorted(STUDIES)}")
+    prof = get_profile(profile).name
+    written: dict[str, list[Path]] = {}
+    for name in names:
+        start = time.perf_counter()
+        result = STUDIES[name].run(prof, progress=progress)
+        written[name] = write_study(STUDIES[name], result, out_dir, time.perf_counter() - start)
+        if progress:
+            print(f"{name}: wrote {', '.join(str(p) for p in written[name])}")
+    return written

@@ -1,0 +1,508 @@
+"""Ablations of EigenGuard around a reference filter, one factor at a time: the layer, k, the
+tail factor, the rescaling rule (remove-top-k vs damping), the poison rate, the eval mode at
+several evaluation batch sizes, and the architecture.
+
+Every run is a BadNets config of the forced-dimension study (`forced_dimension.study_config`)
+with one field changed, so runs the two studies share come from the cache. Each
+sub-ablation is a function returning table rows; `GRIDS` sizes them per profile.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+from eglib.config import get_profile
+from eglib.evaluate import TriggeredLike, accuracy, attack_success_rate, guards_eval_mode
+from eglib.experiments import ExperimentConfig, run_experiment
+from eglib.guard import EVAL_MODES
+from eglib.plots import metric_vs_param
+from eglib.studies.base import StudyResult
+from eglib.studies.forced_dimension import (
+    ATTACK,
+    DATASET,
+    METRIC_COLUMNS,
+    MODEL,
+    UNDEFENDED,
+    VARIANTS,
+    describe,
+    guard_params,
+    model_stages,
+    percent_table,
+    run_configs,
+    study_config,
+    summarise,
+)
+from eglib.studies.forced_dimension import GRIDS as FORCED_GRIDS
+
+NAME = "ablations"
+
+
+@dataclass(frozen=True)
+class AblationGrid:
+    """What each sub-ablation varies in one profile; everything else stays at `reference`.
+
+    `reference`: the guard the other factors are varied around (k, variant, tail_scale; at
+    the model's default stage); `slow_layer_models` join the layer ablation only when
+    `include_slow=True` (every stage of a big model is slow on CPU).
+    """
+
+    reference: dict[str, Any]
+    k: tuple[int, ...]
+    tail_scales: tuple[float, ...]
+    variants: tuple[str, ...]
+    poison_rates: tuple[float, ...]
+    layer_models: tuple[str, ...]
+    models: tuple[str, ...]
+    eval_batch_sizes: tuple[int, ...] = (1, 16, 256)
+    slow_layer_models: tuple[str, ...] = field(default=())
+
+
+ALL_MODELS = ("cnn-small", "resnet18", "preact-resnet18", "vgg16", "mobilenetv2")
+# The reference filter: 'kth' with the tail left alone (EigenGuard's documented provisional
+# default) at k = 4, a point of every profile's forced-dimension grid (so it is cached there).
+REFERENCE: dict[str, Any] = {"k": 4, "variant": "kth", "tail_scale": 1.0}
+
+GRIDS: dict[str, AblationGrid] = {
+    # k, tails and variants as in the CI forced-dimension grid (+ 'remove'): 12 runs in all
+    "ci": AblationGrid(
+        reference=REFERENCE,
+        k=FORCED_GRIDS["ci"].k,
+        tail_scales=(1.0, 0.001),
+        variants=("kth", "damp 0.001", "remove"),
+        poison_rates=(0.05, 0.1),
+        layer_models=(MODEL,),
+        models=(MODEL,),
+    ),
+    "demo": AblationGrid(
+        reference=REFERENCE,
+        k=FORCED_GRIDS["demo"].k,
+        tail_scales=(1.0, 0.001),
+        variants=tuple(VARIANTS),
+        poison_rates=(0.01, 0.05, 0.1, 0.2),
+        layer_models=(MODEL,),
+        models=(MODEL, "resnet18"),
+    ),
+    # beyond the forced-dimension runs: 3 stages, 'remove' and 2 runs at 5 % per seed (18)
+    "lite": AblationGrid(
+        reference=REFERENCE,
+        k=FORCED_GRIDS["lite"].k,
+        tail_scales=(1.0, 0.001),
+        variants=("kth", "damp 0.001", "remove"),
+        poison_rates=(0.05, 0.1),
+        layer_models=(MODEL,),
+        models=(MODEL,),
+    ),
+    "full": AblationGrid(
+        reference=REFERENCE,
+        k=FORCED_GRIDS["full"].k,
+        tail_scales=(1.0, 0.001),
+        variants=tuple(VARIANTS),
+        poison_rates=(0.01, 0.05, 0.1, 0.2),
+        layer_models=(MODEL,),
+        models=ALL_MODELS,
+        slow_layer_models=("preact-resnet18",),
+    ),
+}
+
+
+def grid_for(profile: str | None = None) -> AblationGrid:
+    """The ablation grid of a profile (EGLIB_PROFILE when None)."""
+    return GRIDS[get_profile(profile).name]
+
+
+def _reference(grid: AblationGrid, **changes: Any) -> dict[str, Any]:
+    """Guard parameters of the reference filter with some of k/variant/tail_scale/at changed."""
+    return guard_params(**{**grid.reference, **changes})
+
+
+def _per_seed(
+    profile: str, build: Callable[[int], list[ExperimentConfig]]
+) -> list[ExperimentConfig]:
+    """`build(seed)` for every seed of the profile, concatenated."""
+    return [cfg for seed in get_profile(profile).seeds for cfg in build(seed)]
+
+
+def layer_configs(profile: str, *, include_slow: bool = False) -> list[ExperimentConfig]:
+    """Per model: the undefended run and the reference guard after each stage in turn."""
+    grid = grid_for(profile)
+    models = grid.layer_models + (grid.slow_layer_models if include_slow else ())
+    return _per_seed(
+        profile,
+        lambda seed: [
+            cfg
+            for model in models
+            for cfg in [
+                study_config(profile, seed, model=model),
+                *(
+                    study_config(profile, seed, _reference(grid, at=stage), model=model)
+                    for stage in model_stages(model, DATASET)[0]
+                ),
+            ]
+        ],
+    )
+
+
+def k_configs(profile: str) -> list[ExperimentConfig]:
+    """The undefended run and the reference guard at each k."""
+    grid = grid_for(profile)
+    return _per_seed(
+        profile,
+        lambda seed: [
+            study_config(profile, seed),
+            *(study_config(profile, seed, _reference(grid, k=k)) for k in grid.k),
+        ],
+    )
+
+
+def tail_configs(profile: str) -> list[ExperimentConfig]:
+    """The undefended run and the reference guard with each tail factor (0.001 vs 1)."""
+    grid = grid_for(profile)
+    return _per_seed(
+        profile,
+        lambda seed: [
+            study_config(profile, seed),
+            *(
+                study_config(profile, seed, _reference(grid, tail_scale=t))
+                for t in grid.tail_scales
+            ),
+        ],
+    )
+
+
+def rule_configs(profile: str) -> list[ExperimentConfig]:
+    """The undefended run and the reference guard with each rule: damping vs remove-top-k."""
+    grid = grid_for(profile)
+    return _per_seed(
+        profile,
+        lambda seed: [
+            study_config(profile, seed),
+            *(study_config(profile, seed, _reference(grid, variant=v)) for v in grid.variants),
+        ],
+    )
+
+
+def poison_rate_configs(profile: str) -> list[ExperimentConfig]:
+    """Undefended and reference-guarded runs at each poison rate."""
+    grid = grid_for(profile)
+    return _per_seed(
+        profile,
+        lambda seed: [
+            cfg
+            for rate in grid.poison_rates
+            for cfg in (
+                study_config(profile, seed, poison_rate=rate),
+                study_config(profile, seed, _reference(grid), poison_rate=rate),
+            )
+        ],
+    )
+
+
+def architecture_configs(profile: str) -> list[ExperimentConfig]:
+    """Undefended and reference-guarded (at the model's default stage) runs of each model."""
+    grid = grid_for(profile)
+    return _per_seed(
+        profile,
+        lambda seed: [
+            cfg
+            for model in grid.models
+            for cfg in (
+                study_config(profile, seed, model=model),
+                study_config(profile, seed, _reference(grid), model=model),
+            )
+        ],
+    )
+
+
+def all_configs(profile: str, *, include_slow: bool = False) -> dict[str, list[ExperimentConfig]]:
+    """The training runs of every sub-ablation, by name (eval_mode reuses the reference run)."""
+    return {
+        "layer": layer_configs(profile, include_slow=include_slow),
+        "k": k_configs(profile),
+        "tail": tail_configs(profile),
+        "rule": rule_configs(profile),
+        "poison_rate": poison_rate_configs(profile),
+        "architecture": architecture_configs(profile),
+    }
+
+
+def _rows(
+    name: str, configs: Sequence[ExperimentConfig], jobs: int | None, progress: bool
+) -> list[dict[str, Any]]:
+    """Rows of `configs` tagged with the ablation's name."""
+    return [{"ablation": name, **row} for row in run_configs(configs, jobs=jobs, progress=progress)]
+
+
+def layer_ablation(
+    profile: str | None = None,
+    *,
+    include_slow: bool = False,
+    jobs: int | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Rows: the guard after every stage of cnn-small (+ the slow models' if `include_slow`)."""
+    name = get_profile(profile).name
+    return _rows("layer", layer_configs(name, include_slow=include_slow), jobs, progress)
+
+
+def k_ablation(
+    profile: str | None = None, *, jobs: int | None = None, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Rows: the reference guard at each forced dimension k."""
+    return _rows("k", k_configs(get_profile(profile).name), jobs, progress)
+
+
+def tail_ablation(
+    profile: str | None = None, *, jobs: int | None = None, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Rows: the reference guard with the tail multiplied by each factor (0.001 vs 1)."""
+    return _rows("tail", tail_configs(get_profile(profile).name), jobs, progress)
+
+
+def rule_ablation(
+    profile: str | None = None, *, jobs: int | None = None, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Rows: the reference guard with each rescaling rule (damping variants vs remove)."""
+    return _rows("rule", rule_configs(get_profile(profile).name), jobs, progress)
+
+
+def poison_rate_ablation(
+    profile: str | None = None, *, jobs: int | None = None, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Rows: undefended and guarded models at each poison rate."""
+    return _rows("poison_rate", poison_rate_configs(get_profile(profile).name), jobs, progress)
+
+
+def architecture_ablation(
+    profile: str | None = None, *, jobs: int | None = None, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Rows: undefended and guarded runs of each architecture the profile allows."""
+    return _rows("architecture", architecture_configs(get_profile(profile).name), jobs, progress)
+
+
+SMALL_BATCH = 32  # evaluation batches below this run on one CPU thread
+
+
+@contextmanager
+def _cpu_threads(n: int) -> Iterator[None]:
+    """Torch uses `n` CPU threads inside the block; the previous count is restored after.
+
+    Tiny batches (down to single images) are latency-bound: more threads only add
+    synchronisation, and on a shared CPU a descheduled thread stalls every small op.
+    """
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def eval_mode_rows(
+    model: nn.Module,
+    images: Any,
+    labels: Any,
+    triggered: TriggeredLike,
+    batch_sizes: Sequence[int] = (1, 16, 256),
+) -> list[dict[str, Any]]:
+    """ACC and ASR of one trained model for each guard eval mode and evaluation batch size.
+
+    'running' filters each image on its own; 'batch' filters each evaluation batch (clean
+    batches for ACC, triggered ones for ASR), which is undefined for batches smaller than
+    the filter needs (a batch of 1 always): such a row gets acc = asr = None,
+    `defined` False and the guard's message in `note`, instead of an exception.
+    """
+    rows = []
+    for mode in EVAL_MODES:
+        for size in batch_sizes:
+            row: dict[str, Any] = {"eval_mode": mode, "batch_size": size, "defined": True}
+            threads = 1 if size < SMALL_BATCH else torch.get_num_threads()
+            with guards_eval_mode(model, mode), _cpu_threads(threads):
+                try:
+                    row["acc"] = accuracy(model, images, labels, batch_size=size)
+                    row["asr"] = attack_success_rate(
+                        model,
+                        triggered.images,
+                        triggered.labels,
+                        triggered.source_labels,
+                        batch_size=size,
+                    )
+                    row["note"] = ""
+                except ValueError as error:
+                    if mode != "batch":
+                        raise
+                    row.update(acc=None, asr=None, defined=False, note=f"undefined: {error}")
+            rows.append(row)
+    return rows
+
+
+def eval_mode_ablation(
+    profile: str | None = None, *, jobs: int | None = None, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Rows: the reference guarded model of each seed under both eval modes at each
+    evaluation batch size of the grid (ACC on the clean test set, ASR on the triggered one)."""
+    name = get_profile(profile).name
+    grid = grid_for(name)
+    configs = _per_seed(name, lambda seed: [study_config(name, seed, _reference(grid))])
+    run_configs(configs, jobs=jobs, progress=progress)  # trains what the cache lacks
+    rows = []
+    for cfg in configs:
+        result = run_experiment(cfg, progress=progress)
+        data = result.data
+        if data.triggered is None:
+            raise ValueError(f"config {cfg.key()} has no attack; eval-mode ASR needs one")
+        tags = {"ablation": "eval_mode", **describe(cfg), "seed": cfg.seed, "model": cfg.model}
+        rows += [
+            {**tags, **row}
+            for row in eval_mode_rows(
+                result.model,
+                data.test_images,
+                data.test_labels,
+                data.triggered,
+                grid.eval_batch_sizes,
+            )
+        ]
+    return rows
+
+
+ABLATIONS: dict[str, Callable[..., list[dict[str, Any]]]] = {
+    "layer": layer_ablation,
+    "k": k_ablation,
+    "tail": tail_ablation,
+    "rule": rule_ablation,
+    "poison_rate": poison_rate_ablation,
+    "eval_mode": eval_mode_ablation,
+    "architecture": architecture_ablation,
+}
+
+
+def run(
+    profile: str | None = None,
+    *,
+    progress: bool = True,
+    jobs: int | None = None,
+    include_slow: bool = False,
+    only: Sequence[str] | None = None,
+) -> StudyResult:
+    """Run the chosen sub-ablations (all when `only` is None); the rows of all, tagged.
+
+    Every training run they need is trained first in one parallel sweep (cached runs are
+    skipped), so the sub-ablations then only read the cache.
+    """
+    prof = get_profile(profile)
+    names = list(ABLATIONS) if only is None else list(dict.fromkeys(only))
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise KeyError(f"unknown ablation {unknown[0]!r}; allowed: {list(ABLATIONS)}")
+    configs = all_configs(prof.name, include_slow=include_slow)
+    needed = [c for n in names for c in configs.get(n, [])]
+    run_configs(needed, jobs=jobs, progress=progress)
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        extra = {"include_slow": include_slow} if name == "layer" else {}
+        rows += ABLATIONS[name](prof.name, jobs=jobs, progress=False, **extra)
+    grid = grid_for(prof.name)
+    return StudyResult(
+        name=NAME,
+        profile=prof.name,
+        rows=rows,
+        seeds=prof.seeds,
+        notes={
+            "ablations": names,
+            "dataset": DATASET,
+            "attack": ATTACK,
+            "reference": grid.reference,
+            "grid": {**asdict(grid), "slow_layer_models_included": include_slow},
+        },
+    )
+
+
+# How each sub-ablation is drawn: the varied parameter, its hue, and plot options.
+FIGURES: dict[str, dict[str, Any]] = {
+    "layer": {"param": "at", "hue": "model", "xlabel": "guarded stage ('none': undefended)"},
+    "k": {"param": "k", "hue": "variant", "logx": True, "xlabel": "forced dimension k"},
+    "tail": {"param": "tail_scale", "hue": "variant", "xlabel": "factor on the tail"},
+    "rule": {"param": "variant", "xlabel": "rule ('none': undefended)"},
+    "poison_rate": {"param": "poison_rate", "hue": "variant", "xlabel": "poison rate"},
+    "eval_mode": {
+        "param": "batch_size",
+        "hue": "eval_mode",
+        "protocols": None,
+        "logx": True,
+        "xlabel": "evaluation batch size",
+    },
+    "architecture": {"param": "model", "hue": "variant", "xlabel": "architecture"},
+}
+# Sub-ablations whose x axis has no place for the undefended run: it becomes a dashed line.
+BASELINE_AS_LINE = ("k", "tail")
+
+
+def ablation_figure(name: str, rows: Sequence[dict[str, Any]], profile: str = "") -> Figure:
+    """The figure of one sub-ablation from its rows (ASR and ACC per protocol vs its factor)."""
+    if name not in FIGURES:
+        raise KeyError(f"unknown ablation {name!r}; allowed: {list(FIGURES)}")
+    spec = dict(FIGURES[name])
+    mine = [r for r in rows if r.get("ablation", name) == name]
+    baseline: list[dict[str, Any]] = []
+    if name in BASELINE_AS_LINE:
+        baseline = [r for r in mine if r["variant"] == UNDEFENDED]
+        mine = [r for r in mine if r["variant"] != UNDEFENDED]
+    if name == "tail":
+        mine = [{**r, "tail_scale": f"x {r['tail_scale']:g}"} for r in mine]
+    seeds = len({r.get("seed") for r in mine})
+    ref = ", ".join(f"{k}={v}" for k, v in REFERENCE.items())
+    return metric_vs_param(
+        mine,
+        spec.pop("param"),
+        baseline=baseline,
+        title=f"ablation '{name}' around {ref}: {seeds} seed(s), profile {profile or '?'}",
+        **spec,
+    )
+
+
+def ablation_table(rows: Sequence[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """One sub-ablation's table: mean +- std (%) of ACC and ASR under every protocol (the
+    eval-mode one: of its single pass) per level of its factor (and hue)."""
+    if name not in FIGURES:
+        raise KeyError(f"unknown ablation {name!r}; allowed: {list(FIGURES)}")
+    spec = FIGURES[name]
+    by = [spec["param"], *([spec["hue"]] if "hue" in spec else [])]
+    metrics = ("acc", "asr") if name == "eval_mode" else METRIC_COLUMNS
+    return percent_table([r for r in rows if r.get("ablation") == name], by, metrics)
+
+
+def eval_mode_findings(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Plain sentences on the eval-mode rows: where batch mode is undefined, and how much
+    ACC and ASR move with the evaluation batch size in each mode (mean over seeds)."""
+    mine = [r for r in rows if r.get("ablation", "eval_mode") == "eval_mode"]
+    if not mine:
+        raise ValueError("no eval_mode rows")
+    sentences = []
+    for mode in EVAL_MODES:
+        table = summarise(
+            [r for r in mine if r["eval_mode"] == mode], ["batch_size"], ["acc", "asr"]
+        )
+        undefined = [e["batch_size"] for e in table if math.isnan(e["acc"])]
+        defined = [e for e in table if not math.isnan(e["acc"])]
+        if undefined:
+            sentences.append(f"{mode}: undefined at evaluation batch size(s) {undefined}.")
+        for metric in ("acc", "asr"):
+            values = {e["batch_size"]: round(100 * e[metric], 1) for e in defined}
+            spread = max(values.values()) - min(values.values()) if values else math.nan
+            sentences.append(
+                f"{mode}: {metric.upper()} (%) by batch size {values}: spread {spread:.1f} points."
+            )
+    return sentences
+
+
+def figures(result: StudyResult) -> dict[str, Figure]:
+    """One figure per sub-ablation present in the rows, by its name."""
+    present = list(dict.fromkeys(r["ablation"] for r in result.rows))
+    return {name: ablation_figure(name, result.rows, result.profile) for name in present}

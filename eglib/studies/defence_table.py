@@ -1,0 +1,387 @@
+"""The defence table: attacks x defences on Fashion-MNIST with cnn-small, ACC and ASR under the
+three protocols as mean +- std over seeds, and the detection table of the data-filtering
+defences (AUROC, poison and clean removed) at poison rates 1, 5 and 10 %.
+
+Every run goes through `eglib.experiments.run_experiment` (cached by config hash); the runs
+missing from the cache are trained in parallel processes by `eglib.sweep.run_grid`. The
+BadNets runs without a defence and with EigenGuard are the same configs as the quickstart's
+(`table_config(profile, 'badnets', 'none' | 'eigenguard')`), so they are trained once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from eglib.config import get_profile
+from eglib.defenses.detection import detection_table
+from eglib.experiments import ExperimentConfig, record_row, run_dir
+from eglib.io import read_json
+from eglib.plots import PROTOCOLS, defence_heatmaps, detection_heatmaps, protocol_heatmaps
+from eglib.poison import ATTACKS
+from eglib.studies.ablations import REFERENCE
+from eglib.studies.base import StudyResult
+from eglib.studies.forced_dimension import (
+    MAX_ACC_DROP,
+    default_jobs,
+    guard_params,
+    model_stages,
+    summarise,
+)
+from eglib.sweep import run_grid
+
+NAME = "defence_table"
+DATASET = "fashion-mnist"
+MODEL = "cnn-small"
+POISON_RATE = 0.1
+
+ALL_ATTACKS = (
+    "badnets",
+    "blend",
+    "sig",
+    "lc",
+    "wanet",
+    "ssba",
+    "lf",
+    "bpp",
+    "inputaware",
+    "refool",
+)
+ALL_DEFENSES = ("none", "eigenguard", "ft", "nad", "anp", "abl", "ss", "spectre", "ac")
+DETECTORS = ("ss", "spectre", "ac", "eigenguard-score")
+DETECTION_RATES = (0.01, 0.05, 0.1)
+DETECTION_METRICS = ("auroc", "tpr", "fpr")  # tpr: share of the poison removed; fpr: of the clean
+
+METRIC_COLUMNS: tuple[str, ...] = (
+    "acc",
+    "asr",
+    *(f"{m}_{p}" for p in PROTOCOLS for m in ("acc", "asr")),
+    "train_s",
+)
+
+
+@dataclass(frozen=True)
+class TableGrid:
+    """What one profile runs: the table's attacks x defences, and the detection table's
+    attacks x detectors x poison rates (detectors run as defences, so their 10 % runs are the
+    table's own)."""
+
+    attacks: tuple[str, ...]
+    defenses: tuple[str, ...]
+    detection_attacks: tuple[str, ...]
+    detectors: tuple[str, ...]
+    detection_rates: tuple[float, ...]
+
+
+GRIDS: dict[str, TableGrid] = {
+    # the notebook's CI budget: BadNets x (none, EigenGuard, SS), one seed; detection: SS at 10 %
+    "ci": TableGrid(("badnets",), ("none", "eigenguard", "ss"), ("badnets",), ("ss",), (0.1,)),
+    # the committed figures (about an hour for every study on 2 cores): BadNets only; its none
+    # and EigenGuard runs are the forced-dimension study's, so FT and SS are the extra cost
+    "lite": TableGrid(
+        ("badnets",), ("none", "eigenguard", "ft", "ss"), ("badnets",), ("ss",), (0.1,)
+    ),
+    "demo": TableGrid(
+        ("badnets", "blend", "wanet"),
+        ("none", "eigenguard", "ft", "ss", "ac"),
+        ("badnets",),
+        DETECTORS,
+        DETECTION_RATES,
+    ),
+    # detection at 1 and 5 % costs 2 trainings per run: all-to-one dirty-label attacks (where
+    # the majority-poison pitfall bites) plus SIG, a clean-label one
+    "full": TableGrid(
+        ALL_ATTACKS, ALL_DEFENSES, ("badnets", "blend", "wanet", "sig"), DETECTORS, DETECTION_RATES
+    ),
+}
+
+
+def grid_for(profile: str | None = None) -> TableGrid:
+    """The grid of a profile (EGLIB_PROFILE when None)."""
+    return GRIDS[get_profile(profile).name]
+
+
+def attack_params(attack: str, profile: str) -> dict[str, Any]:
+    """An attack's parameters in a profile: learned attacks use their CI-sized `quick_params`
+    outside the full profile (their fit would take longer than the run), else the defaults."""
+    if attack not in ATTACKS:
+        raise ValueError(f"unknown attack {attack!r}; allowed: {sorted(ATTACKS)}")
+    cls = ATTACKS[attack]
+    if cls.needs_fit and get_profile(profile).name != "full":
+        return dict(getattr(cls, "quick_params", {}))
+    return {}
+
+
+def defense_params(defense: str) -> dict[str, Any]:
+    """A defence's parameters in the table: EigenGuard's reference filter (the ablations'
+    `REFERENCE`, every parameter and the stage explicit), every other defence its defaults."""
+    if defense == "eigenguard":
+        return guard_params(**REFERENCE, at=model_stages(MODEL, DATASET)[1])
+    return {}
+
+
+def table_config(
+    profile: str | None, attack: str, defense: str, seed: int | None = None, **overrides: Any
+) -> ExperimentConfig:
+    """One cell's run: `attack` at 10 % (target 0) on Fashion-MNIST, cnn-small, `defense`,
+    sized by the profile (seed: the profile's first when None); `overrides` change any field."""
+    prof = get_profile(profile)
+    fields: dict[str, Any] = {
+        "dataset": DATASET,
+        "model": MODEL,
+        "attack": attack,
+        "attack_params": attack_params(attack, prof.name),
+        "poison_rate": POISON_RATE,
+        "defense": defense,
+        "defense_params": defense_params(defense),
+        "seed": prof.seeds[0] if seed is None else seed,
+        **overrides,
+    }
+    return ExperimentConfig.from_profile(prof, **fields)
+
+
+def table_configs(
+    profile: str | None,
+    attacks: Sequence[str],
+    defenses: Sequence[str],
+    seeds: Sequence[int],
+    rates: Sequence[float] = (POISON_RATE,),
+) -> list[ExperimentConfig]:
+    """Every (attack, defence, rate, seed) config, attack-major, in the given orders."""
+    return [
+        table_config(profile, attack, defense, seed, poison_rate=rate)
+        for attack in attacks
+        for defense in defenses
+        for rate in rates
+        for seed in seeds
+    ]
+
+
+def detection_configs(profile: str | None, seeds: Sequence[int]) -> list[ExperimentConfig]:
+    """The detection table's runs: each detector as a defence at every rate of the profile."""
+    grid = grid_for(profile)
+    return table_configs(
+        profile, grid.detection_attacks, grid.detectors, seeds, rates=grid.detection_rates
+    )
+
+
+def run_records(
+    configs: Sequence[ExperimentConfig], *, jobs: int | None = None, progress: bool = True
+) -> list[dict[str, Any]]:
+    """The records of `configs`, in order: cached runs are read from disk, the others are
+    trained first in `jobs` processes (None: one per CPU core, 1 on a GPU) by `run_grid`."""
+    unique = list(dict.fromkeys(configs))
+    missing = [c for c in unique if not (run_dir(c) / "record.json").exists()]
+    if missing:
+        run_grid(missing, jobs=jobs or default_jobs(len(missing)), progress=progress)
+    return [read_json(run_dir(c) / "record.json") for c in configs]
+
+
+def detection_report_of(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The detection metrics a data-filtering defence put into its record (None for others)."""
+    info = record.get("defense", {}).get("info") or {}
+    report = info.get("detection")
+    return report if isinstance(report, dict) else None
+
+
+def seed_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per run (`record_row`), plus `det_<metric>` for data-filtering defences."""
+    rows = []
+    for record in records:
+        row = record_row(record)
+        report = detection_report_of(record)
+        if report is not None:
+            row.update({f"det_{m}": report.get(m) for m in (*DETECTION_METRICS, "precision")})
+        rows.append(row)
+    return rows
+
+
+def _target_share(record: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """For activation clustering: the poison's share of the target label (all the poison
+    carries the target label under all-to-one and clean-label attacks), the smaller
+    cluster's share and whether AC flagged it (the majority-poison pitfall); empty for
+    other detectors."""
+    clusters = (record["defense"].get("info") or {}).get("clusters")
+    target = record["config"]["target"]
+    mine = [c for c in clusters or () if c.get("label") == target]
+    if not mine:
+        return {}
+    n_label = sum(mine[0]["sizes"])
+    return {
+        "target_poison_share": report["n_poison"] / n_label if n_label else None,
+        "target_smaller_share": mine[0]["smaller_share"],
+        "target_flagged": mine[0]["flagged"],
+    }
+
+
+def detection_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat detection record per data-filtering run: attack, detector, poison_rate, seed,
+    auroc, tpr (poison removed), fpr (clean removed), precision and counts; AC runs add the
+    poison's share of the target label and whether AC flagged a cluster there."""
+    out = []
+    for record in records:
+        report = detection_report_of(record)
+        if report is None:
+            continue
+        cfg = record["config"]
+        entry: dict[str, Any] = {
+            "attack": cfg["attack"],
+            "detector": cfg["defense"],
+            "poison_rate": cfg["poison_rate"],
+            "seed": cfg["seed"],
+        }
+        entry.update(
+            {
+                k: report.get(k)
+                for k in (*DETECTION_METRICS, "precision", "n_poison", "n_removed", "n_total")
+            }
+        )
+        entry.update(_target_share(record, report))
+        out.append(entry)
+    return out
+
+
+def summary_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (attack, defence): `n` seeds, each metric's mean and its std (`_std`)."""
+    return summarise(rows, ("attack", "defense"), METRIC_COLUMNS)
+
+
+def detection_summary(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (attack, detector, rate): mean and std over seeds of AUROC, tpr, fpr."""
+    return summarise(records, ("attack", "detector", "poison_rate"), DETECTION_METRICS)
+
+
+def compare_to_undefended(
+    table: Sequence[dict[str, Any]],
+    *,
+    protocol: str = "per_sample",
+    max_acc_drop: float = MAX_ACC_DROP,
+) -> list[dict[str, Any]]:
+    """Each defence against the undefended model of the same attack, under `protocol`.
+
+    `table`: summary rows (`summary_rows`). One entry per (attack, defence other than
+    'none'): acc, asr (means), d_acc and d_asr (change against no defence), within_budget
+    (ACC at most `max_acc_drop` below the undefended model's) and rank (by ASR, then ACC,
+    among the attack's defences within the budget; None outside it). Attacks without an
+    undefended row are left out.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; allowed: {list(PROTOCOLS)}")
+    acc, asr = f"acc_{protocol}", f"asr_{protocol}"
+    reference = {r["attack"]: r for r in table if r["defense"] == "none"}
+    out: list[dict[str, Any]] = []
+    for attack, ref in reference.items():
+        entries = [
+            {
+                "attack": attack,
+                "defense": r["defense"],
+                "acc": r[acc],
+                "asr": r[asr],
+                "d_acc": r[acc] - ref[acc],
+                "d_asr": r[asr] - ref[asr],
+                "within_budget": r[acc] >= ref[acc] - max_acc_drop - 1e-9,
+            }
+            for r in table
+            if r["attack"] == attack and r["defense"] != "none"
+        ]
+        ranked = sorted(
+            (e for e in entries if e["within_budget"]), key=lambda e: (e["asr"], -e["acc"])
+        )
+        for entry in entries:
+            entry["rank"] = next((i for i, e in enumerate(ranked, 1) if e is entry), None)
+        out.extend(entries)
+    return out
+
+
+def detection_wide(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The detection table: one row per (attack, detector), a column per metric and rate
+    ('auroc@1%', 'tpr@5%', ...; means over seeds, NaN where not run)."""
+    return detection_table(records, metrics=DETECTION_METRICS) if records else []
+
+
+def run(
+    profile: str | None = None,
+    *,
+    progress: bool = True,
+    jobs: int | None = None,
+    attacks: Sequence[str] | None = None,
+    defenses: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    detection: bool = True,
+) -> StudyResult:
+    """Train (or load) the table's runs and the detection runs; summarise them.
+
+    `attacks`, `defenses`, `seeds` override the profile's grid; `detection=False` skips the
+    extra detection runs (1 and 5 %): the detection table then holds what the table's own
+    data-filtering runs report at 10 %.
+    """
+    prof = get_profile(profile)
+    grid = GRIDS[prof.name]
+    chosen_attacks = tuple(attacks) if attacks is not None else grid.attacks
+    chosen_defenses = tuple(defenses) if defenses is not None else grid.defenses
+    chosen_seeds = tuple(seeds) if seeds is not None else prof.seeds
+    main = table_configs(prof.name, chosen_attacks, chosen_defenses, chosen_seeds)
+    extra = detection_configs(prof.name, chosen_seeds) if detection else []
+    records = run_records([*main, *extra], jobs=jobs, progress=progress)
+    table_records = records[: len(main)]
+    rows = seed_rows(table_records)
+    det = detection_records(list({r["key"]: r for r in records}.values()))
+    return StudyResult(
+        name=NAME,
+        profile=prof.name,
+        rows=summary_rows(rows),
+        seeds=chosen_seeds,
+        data={
+            "seed_rows": rows,
+            "detection_records": det,
+            "detection": detection_summary(det),
+            "detection_table": detection_wide(det),
+        },
+        notes={
+            "dataset": DATASET,
+            "model": MODEL,
+            "poison_rate": POISON_RATE,
+            "attacks": list(chosen_attacks),
+            "defenses": list(chosen_defenses),
+            "defense_params": {d: defense_params(d) for d in chosen_defenses},
+            "detectors": list(grid.detectors) if detection else [],
+            "detection_rates": list(grid.detection_rates) if detection else [POISON_RATE],
+            "runs": len(dict.fromkeys([*main, *extra])),
+            "std": "sample std over seeds (NaN for one seed)",
+        },
+    )
+
+
+def tables(result: StudyResult) -> dict[str, list[dict[str, Any]]]:
+    """Extra CSV tables by suffix: per-seed rows ('seeds'), the detection table ('detection',
+    one row per attack and detector, a column per metric and rate) and its per-seed records."""
+    return {
+        "seeds": result.data["seed_rows"],
+        "detection": result.data["detection_table"],
+        "detection_seeds": result.data["detection_records"],
+    }
+
+
+def figures(result: StudyResult) -> dict[str, Figure]:
+    """ASR and ACC heat maps per sample (''), ASR under the three protocols ('protocols'),
+    and the detection heat maps ('detection', when there are detection runs)."""
+    seeds = len(result.seeds)
+    where = f"{DATASET}, {MODEL}, {100 * POISON_RATE:g} % poison, profile {result.profile}"
+    figs = {
+        "": defence_heatmaps(
+            result.rows,
+            title=f"Defence table (per-sample protocol): mean ± std over {seeds} seed(s); {where}",
+        ),
+        "protocols": protocol_heatmaps(
+            result.rows, title=f"ASR under the three evaluation protocols; {where}"
+        ),
+    }
+    if result.data["detection"]:
+        figs["detection"] = detection_heatmaps(
+            result.data["detection"],
+            title=f"Poison detection of the data-filtering defences; {DATASET}, {MODEL}",
+        )
+    return figs

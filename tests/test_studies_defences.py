@@ -1,0 +1,343 @@
+"""Tests for the defence-table and adaptive studies: configs, aggregation over seeds, the
+detection table, the study runs on hand-made cached records (no training beyond a tiny
+untrained model for the trigger ranks)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+
+from eglib import studies
+from eglib.config import PROFILES
+from eglib.experiments import ExperimentConfig, ExperimentData, ExperimentResult, run_dir
+from eglib.io import write_json_atomic
+from eglib.models import make_model
+from eglib.poison import backdoor_testset, make_attack
+from eglib.studies import adaptive, defence_table
+
+PROTOCOLS = ("per_sample", "mixed", "pure")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EGLIB_CACHE", str(tmp_path / "cache"))
+
+
+def _metrics(acc: float, asr: float, batch_gain: float = 0.0) -> dict[str, Any]:
+    """Record metrics; `batch_gain` lowers the ASR of the batch-wise protocols (as a guard)."""
+    protocols = {
+        "per_sample": {"acc": acc, "asr": asr},
+        "mixed": {"acc": acc, "asr": asr - batch_gain / 2},
+        "pure": {"acc": acc - 0.01, "asr": asr - batch_gain},
+    }
+    return {"acc": acc, "asr": asr, "protocols": protocols}
+
+
+def _record(
+    cfg: ExperimentConfig,
+    acc: float,
+    asr: float,
+    *,
+    batch_gain: float = 0.0,
+    info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A minimal record of `cfg` as run_experiment writes it."""
+    return {
+        "version": 1,
+        "key": cfg.key(),
+        "config": cfg.to_dict(),
+        "metrics": _metrics(acc, asr, batch_gain),
+        "history": [],
+        "defense": {"name": cfg.defense, "params": dict(cfg.defense_params), "info": info or {}},
+        "timings": {"train_s": 2.0, "eval_s": 0.5},
+    }
+
+
+def _detection(auroc: float, tpr: float, fpr: float, n_poison: int = 40) -> dict[str, Any]:
+    return {
+        "auroc": auroc,
+        "tpr": tpr,
+        "fpr": fpr,
+        "precision": 0.5,
+        "n_total": 400,
+        "n_poison": n_poison,
+        "n_removed": 60,
+        "n_removed_poison": 30,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# configs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_badnets_configs_are_the_quickstarts() -> None:
+    quick = ExperimentConfig.from_profile("ci", attack="badnets", poison_rate=0.1, defense="none")
+    assert defence_table.table_config("ci", "badnets", "none") == quick
+    guarded = defence_table.table_config("ci", "badnets", "eigenguard")
+    params = dict(guarded.defense_params)
+    assert params["at"] == "layer1" and params["k"] >= 1 and "rule" in params  # all explicit
+    ci = PROFILES["ci"]
+    assert (guarded.epochs, guarded.train_size, guarded.seed) == (ci.epochs, ci.train_size, 0)
+
+
+def test_learned_attacks_are_small_outside_the_full_profile() -> None:
+    ci = dict(defence_table.table_config("ci", "lc", "none").attack_params)
+    assert ci and ci["fit_size"] == 512
+    assert defence_table.table_config("full", "lc", "none").attack_params == ()
+    assert defence_table.table_config("ci", "wanet", "none").attack_params == ()
+    with pytest.raises(ValueError, match="unknown attack 'nope'; allowed"):
+        defence_table.attack_params("nope", "ci")
+
+
+def test_grids_per_profile() -> None:
+    assert set(defence_table.GRIDS) == set(PROFILES) == set(adaptive.GRIDS)
+    ci = defence_table.GRIDS["ci"]
+    assert (ci.attacks, ci.defenses) == (("badnets",), ("none", "eigenguard", "ss"))
+    full = defence_table.GRIDS["full"]
+    assert set(full.attacks) == set(defence_table.ALL_ATTACKS) and len(full.attacks) == 10
+    assert set(full.defenses) == set(defence_table.ALL_DEFENSES) and len(full.defenses) == 9
+    assert full.detection_rates == (0.01, 0.05, 0.1) and set(full.detectors) == {
+        "ss",
+        "spectre",
+        "ac",
+        "eigenguard-score",
+    }
+    assert all(d in defence_table.ALL_DEFENSES or d == "eigenguard-score" for d in full.detectors)
+    configs = defence_table.table_configs("ci", ("badnets", "blend"), ("none", "ss"), (0, 1))
+    assert [(c.attack, c.defense, c.seed) for c in configs[:3]] == [
+        ("badnets", "none", 0),
+        ("badnets", "none", 1),
+        ("badnets", "ss", 0),
+    ]
+    # the CI detection run is the table's own SS run: nothing extra to train
+    assert set(defence_table.detection_configs("ci", (0,))) <= set(
+        defence_table.table_configs("ci", ci.attacks, ci.defenses, (0,))
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# aggregation
+# ----------------------------------------------------------------------------------------------
+
+
+def _hand_records() -> list[dict[str, Any]]:
+    """badnets x (none, eigenguard) x 3 seeds, blend x none x 1 seed."""
+    records = []
+    for seed, (acc, asr) in enumerate([(0.90, 0.99), (0.92, 0.97), (0.88, 1.00)]):
+        cfg = defence_table.table_config("ci", "badnets", "none", seed)
+        records.append(_record(cfg, acc, asr))
+    for seed, (acc, asr) in enumerate([(0.89, 0.30), (0.87, 0.50), (0.88, 0.10)]):
+        cfg = defence_table.table_config("ci", "badnets", "eigenguard", seed)
+        records.append(_record(cfg, acc, asr, batch_gain=0.1))
+    records.append(_record(defence_table.table_config("ci", "blend", "none"), 0.91, 0.8))
+    return records
+
+
+def test_summary_rows_mean_std_and_protocol_columns() -> None:
+    rows = defence_table.seed_rows(_hand_records())
+    assert rows[0]["asr_pure"] == 0.99 and rows[3]["asr_pure"] == pytest.approx(0.2)
+    table = defence_table.summary_rows(rows)
+    assert [(r["attack"], r["defense"], r["n"]) for r in table] == [
+        ("badnets", "none", 3),
+        ("badnets", "eigenguard", 3),
+        ("blend", "none", 1),
+    ]
+    guard = table[1]
+    assert guard["asr_per_sample"] == pytest.approx(0.3)
+    assert guard["asr_per_sample_std"] == pytest.approx(statistics.stdev([0.3, 0.5, 0.1]))
+    assert guard["asr_mixed"] == pytest.approx(0.25)  # per-protocol columns kept apart
+    assert guard["asr_pure"] == pytest.approx(0.2)
+    assert guard["acc_pure"] == pytest.approx(0.87)
+    assert guard["acc_pure_std"] == pytest.approx(statistics.stdev([0.89, 0.87, 0.88]))
+    assert table[0]["acc"] == pytest.approx(0.9)
+    assert math.isnan(table[2]["asr_std"])  # one seed: no std, not a zero one
+
+
+def test_detection_table_from_hand_made_records() -> None:
+    records = []
+    for rate, auroc in ((0.01, 0.9), (0.05, 0.8), (0.1, 0.6)):
+        for seed, tpr in enumerate((0.7, 0.9)):
+            cfg = defence_table.table_config("ci", "badnets", "ss", seed, poison_rate=rate)
+            records.append(_record(cfg, 0.9, 0.1, info={"detection": _detection(auroc, tpr, 0.1)}))
+    clusters = [
+        {"label": 0, "sizes": [35, 45], "smaller_share": 35 / 80, "flagged": False},
+        {"label": 1, "sizes": [2, 38], "smaller_share": 0.05, "flagged": True},
+    ]
+    ac_cfg = defence_table.table_config("ci", "badnets", "ac")
+    records.append(
+        _record(
+            ac_cfg, 0.9, 0.9, info={"detection": _detection(0.5, 0.0, 0.01), "clusters": clusters}
+        )
+    )
+    records.append(_record(defence_table.table_config("ci", "badnets", "none"), 0.9, 1.0))
+
+    flat = defence_table.detection_records(records)
+    assert len(flat) == 7  # the undefended run reports no detection
+    ac = flat[-1]
+    assert (ac["detector"], ac["poison_rate"], ac["target_flagged"]) == ("ac", 0.1, False)
+    assert ac["target_poison_share"] == pytest.approx(40 / 80)
+    assert ac["target_smaller_share"] == pytest.approx(35 / 80)
+    assert "target_flagged" not in flat[0]
+
+    long = defence_table.detection_summary(flat)
+    ss_1 = next(r for r in long if r["detector"] == "ss" and r["poison_rate"] == 0.01)
+    assert ss_1["n"] == 2 and ss_1["tpr"] == pytest.approx(0.8)
+    assert ss_1["tpr_std"] == pytest.approx(statistics.stdev([0.7, 0.9]))
+
+    seeds = defence_table.seed_rows(records)
+    assert seeds[0]["det_auroc"] == 0.9 and "det_auroc" not in seeds[-1]
+
+    wide = defence_table.detection_wide(flat)
+    ss_row = next(r for r in wide if r["detector"] == "ss")
+    assert ss_row["auroc@1%"] == pytest.approx(0.9) and ss_row["tpr@5%"] == pytest.approx(0.8)
+    ac_row = next(r for r in wide if r["detector"] == "ac")
+    assert math.isnan(ac_row["auroc@1%"]) and ac_row["auroc@10%"] == 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# the study runs, on hand-made cached records
+# ----------------------------------------------------------------------------------------------
+
+
+def _fake_grid(calls: list[int]) -> Any:
+    """A run_grid that writes a plausible record for each config instead of training."""
+
+    def run_grid(configs: list[ExperimentConfig], *, jobs: int, progress: bool) -> list[dict]:
+        calls.append(len(configs))
+        assert jobs >= 1
+        for cfg in configs:
+            info = {}
+            if cfg.defense in ("ss", "spectre", "ac", "eigenguard-score"):
+                info = {"detection": _detection(0.7, 0.6, 0.1)}
+            gain = 0.3 if cfg.defense == "eigenguard" else 0.0
+            record = _record(
+                cfg, 0.85, 0.9 if cfg.defense == "none" else 0.4, batch_gain=gain, info=info
+            )
+            write_json_atomic(run_dir(cfg) / "record.json", record)
+        return []
+
+    return run_grid
+
+
+def test_defence_table_run_tables_and_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(defence_table, "run_grid", _fake_grid(calls))
+    result = defence_table.run("ci", progress=False, jobs=2)
+    assert calls == [3]  # badnets x (none, eigenguard, ss); the detection run is the SS one
+    assert [(r["attack"], r["defense"]) for r in result.rows] == [
+        ("badnets", "none"),
+        ("badnets", "eigenguard"),
+        ("badnets", "ss"),
+    ]
+    assert result.rows[1]["asr_pure"] == pytest.approx(0.1)
+    assert result.notes["runs"] == 3 and result.seeds == (0,)
+    extra = defence_table.tables(result)
+    assert len(extra["seeds"]) == 3 and len(extra["detection_seeds"]) == 1
+    assert extra["detection"][0]["auroc@10%"] == pytest.approx(0.7)
+    figs = defence_table.figures(result)
+    assert set(figs) == {"", "protocols", "detection"}
+    for fig in figs.values():
+        plt.close(fig)
+    again = defence_table.run("ci", progress=False)
+    assert calls == [3] and again.rows == result.rows  # all cached: nothing rerun
+
+
+def test_trigger_ranks_on_a_tiny_untrained_model() -> None:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (48, 1, 28, 28), dtype=torch.uint8, generator=g)
+    labels = torch.arange(48) % 10
+    attack = make_attack("badnets", target=0, num_classes=10)
+    triggered = backdoor_testset(images, labels, attack, seed=0)
+    data = ExperimentData(None, images, labels, images[:0], labels[:0], images, labels, triggered)
+    model = make_model("cnn-small", 10, 1).eval()
+    cfg = defence_table.table_config("ci", "badnets", "none")
+    result = ExperimentResult(cfg, {}, model, data)
+    ranks = adaptive.trigger_ranks(result, count=32, seed=0)
+    assert ranks["rank_stage"] == "layer1" and ranks["rank_samples"] == 32
+    assert set(adaptive.RANK_COLUMNS) <= set(ranks)
+    assert all(0 < ranks[f"erank_{g}"] <= 32 for g in adaptive.RANK_GROUPS)
+    # a 3x3 patch changes few positions: its feature difference is lower rank than the images
+    assert ranks["erank_diff"] < ranks["erank_clean"]
+    assert ranks == adaptive.trigger_ranks(result, count=32, seed=0)  # seeded
+    assert adaptive.trigger_ranks(result, count=500, seed=0)["rank_samples"] == len(triggered.idx)
+
+
+def test_adaptive_run_ranks_the_undefended_and_guarded_models(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(defence_table, "run_grid", _fake_grid(calls))
+    measured: list[tuple[str | None, str]] = []
+
+    def fake_ranks(cfg: ExperimentConfig, progress: bool = False) -> Any:
+        measured.append((cfg.attack, cfg.defense))
+        return cfg
+
+    def ranks_of(cfg: Any, *, count: int, seed: int) -> dict[str, Any]:
+        diff = {"badnets": 2.0, "highrank": 25.0, "advnoise": 3.0}[cfg.attack]
+        values = {"erank_clean": 50.0, "erank_triggered": 40.0, "erank_diff": diff}
+        values.update({f"srank_{g}": 2.0 for g in adaptive.RANK_GROUPS})
+        return {"rank_stage": "layer1", "rank_samples": count, **values}
+
+    monkeypatch.setattr(adaptive, "run_experiment", fake_ranks)
+    monkeypatch.setattr(adaptive, "trigger_ranks", ranks_of)
+    result = adaptive.run("ci", progress=False)
+    assert calls == [6]  # 3 attacks x (none, eigenguard)
+    assert sorted(measured) == sorted(
+        (a, d) for a in adaptive.ATTACKS for d in adaptive.RANK_DEFENSES
+    )
+    again = adaptive.run("ci", progress=False)
+    assert calls == [6] and len(measured) == 6  # runs and ranks both come from the cache
+    assert again.rows == result.rows
+    row = next(r for r in result.rows if (r["attack"], r["defense"]) == ("highrank", "none"))
+    assert row["erank_diff"] == 25.0 and row["asr_per_sample"] == 0.9
+    assert result.notes["rank_samples_per_group"] == [256]
+    assert result.notes["rank_stage"] == "layer1"
+    figs = adaptive.figures(result)
+    assert set(figs) == {"", "protocols"}
+    for fig in figs.values():
+        plt.close(fig)
+
+
+def test_studies_are_registered() -> None:
+    assert studies.STUDIES["defence_table"] is defence_table
+    assert studies.STUDIES["adaptive"] is adaptive
+
+
+def test_compare_to_undefended_ranks_within_the_acc_budget() -> None:
+    def row(attack: str, defense: str, acc: float, asr: float) -> dict[str, Any]:
+        out: dict[str, Any] = {"attack": attack, "defense": defense}
+        for protocol in PROTOCOLS:
+            out[f"acc_{protocol}"], out[f"asr_{protocol}"] = acc, asr
+        out["asr_pure"] = asr / 2
+        return out
+
+    table = [
+        row("badnets", "none", 0.90, 0.99),
+        row("badnets", "eigenguard", 0.89, 0.40),
+        row("badnets", "ft", 0.80, 0.05),  # lowest ASR, but 10 ACC points lost
+        row("badnets", "ss", 0.895, 0.60),
+        row("blend", "eigenguard", 0.9, 0.1),  # no undefended blend row: left out
+    ]
+    out = defence_table.compare_to_undefended(table)
+    assert [(e["defense"], e["rank"], e["within_budget"]) for e in out] == [
+        ("eigenguard", 1, True),
+        ("ft", None, False),
+        ("ss", 2, True),
+    ]
+    assert out[0]["d_asr"] == pytest.approx(-0.59) and out[0]["d_acc"] == pytest.approx(-0.01)
+    assert defence_table.compare_to_undefended(table, protocol="pure")[0]["asr"] == 0.2
+    assert defence_table.compare_to_undefended(table, max_acc_drop=0.2)[1]["rank"] == 1
+    with pytest.raises(ValueError, match="unknown protocol 'batch'"):
+        defence_table.compare_to_undefended(table, protocol="batch")

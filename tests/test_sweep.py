@@ -1,0 +1,184 @@
+"""Tests for eglib.sweep: grid expansion (dotted keys, profiles), grid files and their errors,
+atomic CSV writing, and run_grid in 2 processes with a cheap stand-in for training."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from eglib import sweep
+from eglib.config import PROFILES
+from eglib.experiments import ExperimentConfig, run_dir
+
+
+def _fake_run_one(cfg: ExperimentConfig, threads: int) -> dict[str, Any]:
+    """Stand-in for `sweep._run_one` (module level, so spawned workers can unpickle it):
+    early configs finish last, so completion order differs from config order."""
+    time.sleep(0.3 if cfg.seed < 2 else 0.0)
+    return {"seed": cfg.seed, "defense": cfg.defense, "threads": threads, "pid": os.getpid()}
+
+
+# ----------------------------------------------------------------------------------------------
+# expand_grid / load_grid
+# ----------------------------------------------------------------------------------------------
+
+
+def test_expand_grid_product_order_profile_and_dotted_keys() -> None:
+    base = {"attack": "badnets", "defense": "eigenguard", "defense_params": {"rule": "kth"}}
+    grid: dict[str, Sequence[Any]] = {"defense_params.k": [1, 4], "seed": [0, 1, 2]}
+    configs = sweep.expand_grid(base, grid, "ci")
+    assert len(configs) == 6
+    assert [(dict(c.defense_params)["k"], c.seed) for c in configs] == [
+        (1, 0),
+        (1, 1),
+        (1, 2),
+        (4, 0),
+        (4, 1),
+        (4, 2),
+    ]  # the first grid key varies slowest
+    assert all(dict(c.defense_params)["rule"] == "kth" for c in configs)  # merged with base
+    assert base == {"attack": "badnets", "defense": "eigenguard", "defense_params": {"rule": "kth"}}
+    first = configs[0]
+    ci = PROFILES["ci"]
+    assert (first.epochs, first.train_size, first.batch_size) == (
+        ci.epochs,
+        ci.train_size,
+        ci.batch_size,
+    )
+    assert sweep.expand_grid({}, {"epochs": [7]}, "ci")[0].epochs == 7  # grid beats profile
+    assert sweep.expand_grid({"attack": "blend"}, {}, "ci") == [
+        ExperimentConfig.from_profile("ci", attack="blend")
+    ]
+    dotted = sweep.expand_grid({}, {"attack_params.size": [5]}, "ci")[0]
+    assert dict(dotted.attack_params) == {"size": 5}
+
+
+@pytest.mark.parametrize("values", [[], (1, 2), 3, "abc", None])
+def test_expand_grid_rejects_non_lists(values: Any) -> None:
+    with pytest.raises(ValueError, match=r"grid entry 'seed' must be a non-empty list"):
+        sweep.expand_grid({}, {"seed": values}, "ci")
+
+
+def test_expand_grid_unknown_field_is_a_clear_value_error() -> None:
+    with pytest.raises(ValueError, match=r"atack.*allowed"):
+        sweep.expand_grid({}, {"atack": ["badnets"]}, "ci")
+    with pytest.raises(ValueError, match="'seed' is not a dict"):
+        sweep.expand_grid({"seed": 0}, {"seed.x": [1]}, "ci")
+
+
+def test_expand_grid_bad_values_name_themselves() -> None:
+    with pytest.raises(ValueError, match="poison_rate=1.5"):
+        sweep.expand_grid({}, {"poison_rate": [0.1, 1.5]}, "ci")
+    with pytest.raises(ValueError, match="unknown profile 'huge'"):
+        sweep.expand_grid({}, {"seed": [0]}, "huge")
+
+
+def test_load_grid_yaml_and_json(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "grid.yaml"
+    yaml_file.write_text(
+        "profile: ci\nbase: {attack: blend}\ngrid:\n  defense: [none, ss]\n  seed: [0, 1]\n"
+    )
+    configs = sweep.load_grid(yaml_file)
+    epochs = PROFILES["ci"].epochs
+    assert [(c.attack, c.defense, c.seed, c.epochs) for c in configs] == [
+        ("blend", "none", 0, epochs),
+        ("blend", "none", 1, epochs),
+        ("blend", "ss", 0, epochs),
+        ("blend", "ss", 1, epochs),
+    ]
+    json_file = tmp_path / "grid.json"
+    json_file.write_text(json.dumps({"profile": "ci", "grid": {"defense_params.k": [2]}}))
+    assert dict(sweep.load_grid(json_file)[0].defense_params) == {"k": 2}
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (
+            "profile: ci\ngrids: {seed: [0]}\n",
+            r"top-level keys must be among \['base', 'grid', 'profile'\]",
+        ),
+        ("- seed\n- 0\n", "top-level keys must be among"),
+        ("profile: ci\ngrid: {seed: 0}\n", "grid entry 'seed' must be a non-empty list, got 0"),
+        ("profile: nope\ngrid: {seed: [0]}\n", "unknown profile 'nope'"),
+    ],
+)
+def test_bad_grid_files_give_clear_errors(tmp_path: Path, text: str, match: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        sweep.load_grid(path)
+
+
+def test_missing_grid_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        sweep.load_grid(tmp_path / "absent.yaml")
+
+
+# ----------------------------------------------------------------------------------------------
+# write_csv
+# ----------------------------------------------------------------------------------------------
+
+
+def test_write_csv_columns_in_first_seen_order(tmp_path: Path) -> None:
+    path = tmp_path / "out" / "table.csv"
+    rows = [{"attack": "badnets", "acc": 0.9}, {"attack": "blend", "asr": 0.5, "acc": 0.8}]
+    sweep.write_csv(rows, path)
+    with path.open() as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == ["attack", "acc", "asr"]
+        got = list(reader)
+    assert got == [
+        {"attack": "badnets", "acc": "0.9", "asr": ""},
+        {"attack": "blend", "acc": "0.8", "asr": "0.5"},
+    ]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["table.csv"]  # no temp files left
+
+
+def test_write_csv_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "table.csv"
+    sweep.write_csv([{"a": 1}], path)
+    before = path.read_text()
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        sweep.write_csv([{"a": 2, "b": 3}], path)
+    assert path.read_text() == before  # the old file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]  # temp file removed
+
+
+# ----------------------------------------------------------------------------------------------
+# run_grid
+# ----------------------------------------------------------------------------------------------
+
+
+def test_run_grid_two_processes_rows_in_config_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EGLIB_CACHE", str(tmp_path))  # workers inherit it
+    monkeypatch.setattr(sweep, "_run_one", _fake_run_one)
+    configs = sweep.expand_grid({"attack": "badnets"}, {"seed": [0, 1, 2, 3, 4, 5]}, "ci")
+    for cfg in configs[:2]:  # two runs already in the cache
+        run_dir(cfg).mkdir(parents=True)
+        (run_dir(cfg) / "record.json").write_text("{}")
+    rows = sweep.run_grid(configs, jobs=2, progress=True)
+    assert [r["seed"] for r in rows] == [0, 1, 2, 3, 4, 5]  # config order, not finish order
+    pids = {r["pid"] for r in rows}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2  # in worker processes
+    assert {r["threads"] for r in rows} == {max(1, (os.cpu_count() or 1) // 2)}
+    assert "2 cached" in capsys.readouterr().err  # the progress bar counts cached runs
+
+
+def test_run_grid_rejects_zero_jobs() -> None:
+    with pytest.raises(ValueError, match="jobs=0; must be >= 1"):
+        sweep.run_grid([], jobs=0)

@@ -63,6 +63,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         "defense": args.defense,
         "defense_params": _parse_params(args.defense_param),
         "seed": args.seed,
+        "augment": args.augment,
     }
     overrides.update(
         {k: v for k, v in {"epochs": args.epochs, "train_size": args.train_size}.items() if v}
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int)
     train.add_argument("--train-size", type=int)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--augment", action="store_true", help="random crop (+ flip) in training")
     train.add_argument("--profile", help="ci, demo or full (default: EGLIB_PROFILE, else full)")
     train.add_argument("--no-cache", action="store_true")
     train.set_defaults(func=cmd_train)

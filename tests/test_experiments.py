@@ -97,11 +97,13 @@ def test_cli_train_prints_a_row(tiny_fashion, tmp_cache, capsys, monkeypatch) ->
             "k=2",
             "--attack-param",
             "size=4",
+            "--augment",
         ]
     )
     out = capsys.readouterr().out.strip().splitlines()
     row = json.loads(out[-1])
     assert row["defense"] == "eigenguard" and row["defense.k"] == 2 and row["attack.size"] == 4
+    assert row["augment"] is True
     assert 0.0 <= row["asr_pure"] <= 1.0
 
 

@@ -1,0 +1,97 @@
+"""Effective (or stable) rank of clean, triggered and difference features per epoch, + ACC/ASR."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib.pyplot as plt
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from eglib.plots.common import use_style
+
+RANK_GROUPS = ("clean", "triggered", "diff")
+GROUP_LABELS = {"clean": "clean f(x)", "triggered": "triggered f(x+t)", "diff": "f(x+t) - f(x)"}
+MEASURES = {"erank": "effective rank", "srank": "stable rank"}
+
+
+def rank_stages(rows: Sequence[dict[str, Any]], measure: str = "erank") -> list[str]:
+    """Stage names that rows carry `<measure>_clean/<stage>` for, in first-seen order."""
+    prefix = f"{measure}_clean/"
+    stages: list[str] = []
+    for row in rows:
+        stages.extend(
+            k[len(prefix) :] for k in row if k.startswith(prefix) and k[len(prefix) :] not in stages
+        )
+    return stages
+
+
+def rank_curves(
+    rows: Sequence[dict[str, Any]], *, measure: str = "erank", title: str | None = None
+) -> Figure:
+    """One panel per (attack, stage): rank of clean / triggered / difference features per epoch.
+
+    `rows`: per-epoch dicts with `attack`, `epoch`, `acc`, `asr`, `rank_samples` and
+    `<measure>_<group>/<stage>` for group in clean, triggered, diff (as the rank_vs_asr
+    study builds them). ACC (dashed) and ASR (dotted), in %, share each panel on a twin axis.
+    """
+    if measure not in MEASURES:
+        raise ValueError(f"unknown measure {measure!r}; allowed: {sorted(MEASURES)}")
+    stages = rank_stages(rows, measure)
+    if not rows or not stages:
+        raise ValueError(f"rows carry no '{measure}_clean/<stage>' values; nothing to plot")
+    attacks = list(dict.fromkeys(str(r["attack"]) for r in rows))
+    use_style()
+    colors = dict(zip(RANK_GROUPS, sns.color_palette("colorblind", len(RANK_GROUPS)), strict=True))
+    fig, axes = plt.subplots(
+        len(attacks), len(stages), figsize=(3.6 * len(stages), 3.0 * len(attacks)), squeeze=False
+    )
+    legend_lines: list[Any] = []
+    for i, attack in enumerate(attacks):
+        mine = sorted((r for r in rows if r["attack"] == attack), key=lambda r: r["epoch"])
+        epochs = [r["epoch"] for r in mine]
+        for j, stage in enumerate(stages):
+            ax = axes[i, j]
+            for group in RANK_GROUPS:
+                values = [r.get(f"{measure}_{group}/{stage}") for r in mine]
+                ax.plot(epochs, values, marker="o", color=colors[group], label=GROUP_LABELS[group])
+            ax.set_title(f"{attack} - {stage}", fontsize=10)
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if j == 0:
+                ax.set_ylabel(MEASURES[measure])
+            twin = ax.twinx()
+            twin.grid(False)
+            twin.plot(epochs, [100 * r["acc"] for r in mine], "--", color="0.35", label="ACC (%)")
+            twin.plot(
+                epochs,
+                [100 * r["asr"] for r in mine],
+                ":",
+                color="C4",
+                linewidth=2.2,
+                label="ASR (%)",
+            )
+            twin.set_ylim(-5, 105)
+            if not legend_lines:
+                legend_lines = [*ax.get_lines(), *twin.get_lines()]
+            if j == len(stages) - 1:
+                twin.set_ylabel("ACC / ASR (%)")
+    fig.legend(
+        legend_lines,
+        [h.get_label() for h in legend_lines],
+        loc="lower center",
+        ncol=5,
+        bbox_to_anchor=(0.5, -0.02),
+        frameon=False,
+    )
+    counts = sorted({int(r["rank_samples"]) for r in rows if r.get("rank_samples") is not None})
+    count_text = "/".join(str(c) for c in counts) if counts else "?"
+    fig.suptitle(
+        title
+        or f"{MEASURES[measure]} per epoch at equal counts: {count_text} test images per group",
+        y=1.0,
+    )
+    fig.tight_layout(rect=(0, 0.05, 1, 0.98))
+    return fig

@@ -1,0 +1,110 @@
+"""Observation 1: effective (and stable) rank of clean, triggered and difference features at
+every stage of cnn-small, per epoch, next to ACC and ASR, for dirty- and clean-label attacks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from eglib.config import get_profile
+from eglib.data import dataset_info
+from eglib.experiments import ExperimentConfig, run_experiment
+from eglib.models import make_model
+from eglib.plots import rank_curves
+from eglib.studies.base import StudyResult
+
+NAME = "rank_vs_asr"
+DATASET = "fashion-mnist"
+MODEL = "cnn-small"
+POISON_RATE = 0.1
+# attacks per profile: SIG (clean-label) only in the full run, to keep CI within its budget
+ATTACKS: dict[str, tuple[str, ...]] = {
+    "ci": ("badnets", "blend"),
+    "demo": ("badnets", "blend"),
+    "full": ("badnets", "blend", "sig"),
+}
+RANK_PREFIXES = ("erank_", "srank_")
+
+
+def model_stages(model: str = MODEL, dataset: str = DATASET) -> tuple[str, ...]:
+    """All stage names of `model` built for `dataset`."""
+    info = dataset_info(dataset)
+    return make_model(model, info.num_classes, info.in_channels).stages
+
+
+def config_for(attack: str, profile: str | None = None) -> ExperimentConfig:
+    """The run of one attack: cnn-small, 10 % poison, rank tracking at every stage.
+
+    The spectra study and the notebooks reuse these configs, so their models come from the
+    cache instead of being trained again.
+    """
+    return ExperimentConfig.from_profile(
+        profile,
+        dataset=DATASET,
+        model=MODEL,
+        attack=attack,
+        poison_rate=POISON_RATE,
+        track_stages=model_stages(),
+    )
+
+
+def history_rows(attack: str, history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Table rows of one run's per-epoch history: attack, epoch, loss, acc, asr, rank_samples
+    and every `erank_<group>/<stage>` and `srank_<group>/<stage>` value."""
+    rows = []
+    for entry in history:
+        missing = [k for k in ("epoch", "acc", "asr") if k not in entry]
+        if missing:
+            raise ValueError(f"history row of {attack!r} lacks {missing}; has {sorted(entry)}")
+        row: dict[str, Any] = {
+            "attack": attack,
+            "epoch": entry["epoch"],
+            "loss": entry.get("loss"),
+            "acc": entry["acc"],
+            "asr": entry["asr"],
+            "rank_samples": entry.get("rank_samples"),
+        }
+        row.update({k: v for k, v in entry.items() if k.startswith(RANK_PREFIXES)})
+        rows.append(row)
+    return rows
+
+
+def run(
+    profile: str | None = None, *, progress: bool = True, attacks: Sequence[str] | None = None
+) -> StudyResult:
+    """Train (or load) one tracked cnn-small per attack; one row per attack and epoch."""
+    prof = get_profile(profile)
+    chosen = tuple(attacks) if attacks is not None else ATTACKS[prof.name]
+    rows: list[dict[str, Any]] = []
+    records: dict[str, dict[str, Any]] = {}
+    for attack in tqdm(chosen, desc=NAME, disable=not progress):
+        result = run_experiment(config_for(attack, prof.name), progress=progress)
+        records[attack] = result.record
+        rows.extend(history_rows(attack, result.record["history"]))
+    counts = sorted({int(r["rank_samples"]) for r in rows if r["rank_samples"] is not None})
+    return StudyResult(
+        name=NAME,
+        profile=prof.name,
+        rows=rows,
+        seeds=(prof.seeds[0],),
+        data={"records": records},
+        notes={
+            "attacks": list(chosen),
+            "model": MODEL,
+            "dataset": DATASET,
+            "poison_rate": POISON_RATE,
+            "stages": list(model_stages()),
+            "rank_samples_per_group": counts,
+        },
+    )
+
+
+def figures(result: StudyResult) -> dict[str, Figure]:
+    """The effective-rank figure ('') and the stable-rank one ('stable')."""
+    return {
+        "": rank_curves(result.rows, measure="erank"),
+        "stable": rank_curves(result.rows, measure="srank"),
+    }

@@ -1,0 +1,286 @@
+"""Tests for the observation studies (rank_vs_asr, spectra), their metrics and make_figures,
+on synthetic features and monkeypatched runs: no real training."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest
+import torch
+
+from eglib import studies
+from eglib.config import get_profile
+from eglib.experiments import ExperimentData
+from eglib.models import make_model
+from eglib.poison import backdoor_testset, make_attack
+from eglib.studies import make_figures, rank_vs_asr, spectra
+from eglib.studies.metrics import (
+    energy_fraction,
+    neighbour_agreement,
+    pairwise_distances,
+    random_basis,
+    silhouette,
+    top_right_basis,
+)
+
+CNN_STAGES = ("stem", "layer1", "layer2", "layer3")
+
+
+def _orthonormal(dim: int, k: int, seed: int) -> torch.Tensor:
+    return random_basis(dim, k, seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def test_top_right_basis_matches_svd() -> None:
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(40, 25, generator=g, dtype=torch.float64) * torch.linspace(5, 0.1, 25)
+    V = top_right_basis(A, 4)
+    assert V.shape == (25, 4)
+    torch.testing.assert_close(V.T @ V, torch.eye(4, dtype=torch.float64), atol=1e-8, rtol=0)
+    Vh = torch.linalg.svd(A, full_matrices=False).Vh[:4].T
+    torch.testing.assert_close(V @ V.T, Vh @ Vh.T, atol=1e-8, rtol=0)  # same subspace
+    wide = torch.randn(6, 50, generator=g, dtype=torch.float64)  # B < D: the other Gram side
+    Vw = top_right_basis(wide, 3)
+    Vhw = torch.linalg.svd(wide, full_matrices=False).Vh[:3].T
+    torch.testing.assert_close(Vw @ Vw.T, Vhw @ Vhw.T, atol=1e-8, rtol=0)
+
+
+def test_energy_fraction_planted_direction_vs_random_baseline() -> None:
+    dim, k = 400, 10
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(dim, generator=g, dtype=torch.float64)
+    u /= u.norm()
+    natural = torch.randn(200, dim, generator=g, dtype=torch.float64)
+    mixed = natural.clone()
+    mixed[:20] += 30 * u  # 10 % carry a strong trigger direction
+    diff = 30 * u.expand(50, dim) + 0.01 * torch.randn(50, dim, generator=g, dtype=torch.float64)
+    assert energy_fraction(diff, top_right_basis(mixed, k)) > 0.95
+    assert energy_fraction(diff, top_right_basis(natural, k)) < 0.2  # clean top-k: no trigger
+    randoms = [energy_fraction(diff, random_basis(dim, k, seed=s)) for s in range(30)]
+    assert sum(randoms) / len(randoms) == pytest.approx(k / dim, rel=0.3)
+    assert energy_fraction(diff, random_basis(dim, k, seed=0)) == energy_fraction(
+        diff, random_basis(dim, k, seed=0)
+    )  # seeded
+    with pytest.raises(ValueError, match="dimension 400"):
+        energy_fraction(diff, random_basis(30, 3, seed=0))
+    with pytest.raises(ValueError, match="all zero"):
+        energy_fraction(torch.zeros(3, dim), random_basis(dim, k, seed=0))
+    with pytest.raises(ValueError, match="k=0"):
+        random_basis(dim, 0, seed=0)
+
+
+def test_neighbour_agreement_and_silhouette() -> None:
+    g = torch.Generator().manual_seed(2)
+    labels = torch.arange(100) % 2
+    apart = torch.randn(100, 5, generator=g) + 20 * labels.unsqueeze(1)
+    query = labels == 1
+    dist = pairwise_distances(apart)
+    assert dist.shape == (100, 100) and float(dist.diagonal().abs().max()) == 0.0
+    assert float(dist[0, 1]) == pytest.approx(float((apart[0] - apart[1]).norm()), rel=1e-5)
+    assert neighbour_agreement(dist, labels, query, n_neighbors=5) == 1.0
+    assert silhouette(dist, labels) > 0.9
+    # self is excluded: a lone labelled row among 3 others has no same-label neighbour
+    line = pairwise_distances(torch.tensor([[0.0], [1.0], [2.0], [3.0]]))
+    lone = torch.tensor([1, 0, 0, 0])
+    assert neighbour_agreement(line, lone, lone == 1, n_neighbors=1) == 0.0
+    blob = pairwise_distances(torch.randn(400, 5, generator=g))
+    rand = (torch.rand(400, generator=g) < 0.25).long()  # chance level about 0.25
+    purity = neighbour_agreement(blob, rand, rand == 1, n_neighbors=10)
+    assert 0.1 < purity < 0.4
+    assert abs(silhouette(blob, rand)) < 0.1
+    with pytest.raises(ValueError, match="n_neighbors=100"):
+        neighbour_agreement(dist, labels, query, n_neighbors=100)
+    with pytest.raises(ValueError, match="expected"):
+        neighbour_agreement(dist[:5], labels, query)
+    with pytest.raises(ValueError, match="two distinct"):
+        silhouette(dist, torch.zeros(100, dtype=torch.long))
+
+
+def _planted_features(n: int = 200, dim: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    """5 classes on orthogonal directions; the trigger adds a strong direction orthogonal to all."""
+    g = torch.Generator().manual_seed(seed)
+    basis = _orthonormal(dim, 6, seed)
+    classes = torch.arange(n) % 5
+    clean = 2.0 * basis[:, classes].T + 0.2 * torch.randn(n, dim, generator=g, dtype=torch.float64)
+    triggered = clean + 8.0 * basis[:, 5]
+    return {
+        "clean": clean.float(),
+        "triggered": triggered.float(),
+        "classes": classes,
+        "trigger": basis[:, 5],
+    }
+
+
+def test_stage_measures_on_planted_trigger() -> None:
+    f = _planted_features()
+    mask = spectra.mixed_mask(200, 0.1, seed=0)
+    measures = spectra.stage_measures(f["clean"], f["triggered"], mask, f["classes"], k=1, seed=0)
+    row, spec = measures.row, measures.spectra
+    assert measures.top.shape == (200, 1) and measures.tail.shape == (200, 64)
+    assert (row["rows"], row["poisoned_rows"], row["k"], row["dim"]) == (200, 20, 1, 64)
+    assert set(spec) == {"clean", "triggered", "mixed", "diff"}
+    assert all(len(s) == 64 for s in spec.values())  # min(rows, dim) values per group
+    assert row["erank_diff"] < 1.01  # the difference is rank one
+    assert row["erank_diff"] < row["erank_clean"]
+    assert row["energy_top_mixed"] > 0.95  # the trigger is the top direction of the mixed batch
+    assert row["energy_top_clean"] < 0.05  # but not of the clean one
+    assert row["energy_chance"] == pytest.approx(1 / 64)
+    assert row["energy_random"] < 0.2
+    # top-k: triggered rows are each other's neighbours; tail: they sit among their classes
+    assert row["knn_poison_top"] == 1.0
+    assert row["knn_poison_tail"] < 0.4
+    assert row["knn_poison_chance"] == pytest.approx(19 / 199)
+    assert row["knn_source_tail"] > 0.9
+    assert row["knn_source_top"] < 0.5
+    assert row["silhouette_top"] > 0.8 > row["silhouette_tail"]
+
+
+def test_mixed_mask_is_seeded_with_the_rate() -> None:
+    mask = spectra.mixed_mask(200, 0.1, seed=3)
+    assert mask.dtype == torch.bool and int(mask.sum()) == 20
+    assert torch.equal(mask, spectra.mixed_mask(200, 0.1, seed=3))
+    assert not torch.equal(mask, spectra.mixed_mask(200, 0.1, seed=4))
+    assert int(spectra.mixed_mask(10, 0.01, seed=0).sum()) == 2  # at least two triggered rows
+    with pytest.raises(ValueError, match="no clean row"):
+        spectra.mixed_mask(2, 0.9, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# rank_vs_asr rows and configs
+# ----------------------------------------------------------------------------------------------
+
+
+def _history(epochs: int = 2, stages: tuple[str, ...] = CNN_STAGES) -> list[dict[str, Any]]:
+    rows = []
+    for epoch in range(1, epochs + 1):
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "loss": 1.0 / epoch,
+            "train_acc": 0.5,
+            "lr": 0.1,
+            "seconds": 1.0,
+            "acc": 0.6 + 0.1 * epoch,
+            "asr": 0.4 * epoch,
+            "rank_samples": 256.0,
+        }
+        for stage in stages:
+            for group in ("clean", "triggered", "diff"):
+                row[f"erank_{group}/{stage}"] = 50.0 - epoch
+                row[f"srank_{group}/{stage}"] = 3.0
+        rows.append(row)
+    return rows
+
+
+def test_history_rows_keep_rank_columns_only() -> None:
+    rows = rank_vs_asr.history_rows("badnets", _history())
+    assert len(rows) == 2
+    first = rows[0]
+    assert (first["attack"], first["epoch"], first["acc"], first["asr"]) == ("badnets", 1, 0.7, 0.4)
+    assert first["rank_samples"] == 256.0
+    assert first["erank_diff/layer2"] == 49.0 and first["srank_clean/stem"] == 3.0
+    assert "train_acc" not in first and "lr" not in first
+    assert sum(k.startswith(("erank_", "srank_")) for k in first) == 2 * 3 * len(CNN_STAGES)
+    with pytest.raises(ValueError, match=r"lacks \['asr'\]"):
+        rank_vs_asr.history_rows("badnets", [{"epoch": 1, "acc": 0.5}])
+
+
+def test_config_tracks_every_stage_and_is_shared_with_spectra() -> None:
+    cfg = rank_vs_asr.config_for("blend", "ci")
+    assert cfg.track_stages == CNN_STAGES
+    assert (cfg.model, cfg.attack, cfg.poison_rate) == ("cnn-small", "blend", 0.1)
+    assert (cfg.epochs, cfg.train_size) == (get_profile("ci").epochs, get_profile("ci").train_size)
+    assert rank_vs_asr.ATTACKS["full"][:2] == spectra.ATTACKS  # spectra reuses those models
+
+
+def test_rank_vs_asr_run_and_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+
+    def fake_run(cfg: Any, progress: bool = True) -> Any:
+        seen.append(cfg)
+        return SimpleNamespace(record={"history": _history(3)})
+
+    monkeypatch.setattr(rank_vs_asr, "run_experiment", fake_run)
+    result = rank_vs_asr.run("ci", progress=False)
+    assert [c.attack for c in seen] == ["badnets", "blend"]
+    assert len(result.rows) == 2 * 3
+    assert result.notes["rank_samples_per_group"] == [256]
+    figs = rank_vs_asr.figures(result)
+    assert set(figs) == {"", "stable"}
+    assert len(figs[""].axes) == 2 * 2 * len(CNN_STAGES)  # panels + twins
+
+
+# ----------------------------------------------------------------------------------------------
+# spectra run on a tiny untrained model + make_figures writing PNG, CSV and JSON
+# ----------------------------------------------------------------------------------------------
+
+
+def _fake_spectra_result(cfg: Any, progress: bool = True) -> Any:
+    """An untrained cnn-small and 70 synthetic 16 px test images with a BadNets test set."""
+    torch.manual_seed(0)
+    model = make_model("cnn-small", 10, 1).eval()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (70, 1, 16, 16), generator=g, dtype=torch.uint8)
+    labels = torch.arange(70) % 10
+    triggered = backdoor_testset(images, labels, make_attack(cfg.attack, target=0), seed=0)
+    empty = torch.empty(0)
+    data = ExperimentData(None, empty, empty, empty, empty, images, labels, triggered)
+    record = {"metrics": {"acc": 0.1, "asr": 0.2}, "history": _history(1)}
+    return SimpleNamespace(model=model, data=data, record=record)
+
+
+def test_spectra_run_rows_and_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spectra, "run_experiment", _fake_spectra_result)
+    result = spectra.run("ci", progress=False, attacks=("badnets",), k=4)
+    assert [r["stage"] for r in result.rows] == list(CNN_STAGES)
+    row = result.rows[0]
+    assert row["rows"] == 63 and row["poisoned_rows"] == 6  # the 63 non-target images, 10 %
+    for column in ("energy_top_mixed", "energy_random", "knn_poison_top", "silhouette_tail"):
+        assert 0.0 <= abs(row[column]) <= 1.0
+    assert len(result.data["spectra"]) == 4 * len(CNN_STAGES)
+    assert {rec["rows"] for rec in result.data["spectra"]} == {63}  # equal counts
+    tsne = result.data["tsne"]  # ci: the guard stage and the last one, top and tail
+    assert [(r["stage"], r["space"]) for r in tsne] == [
+        ("layer1", "top-4"),
+        ("layer1", "tail"),
+        ("layer3", "top-4"),
+        ("layer3", "tail"),
+    ]
+    assert tsne[0]["xy"].shape == (63, 2) and int(tsne[0]["poisoned"].sum()) == 6
+
+
+def test_make_figures_writes_png_csv_json(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(spectra, "run_experiment", _fake_spectra_result)
+    monkeypatch.setattr(spectra, "ATTACKS", ("badnets",))
+    monkeypatch.setitem(spectra.SETTINGS, "ci", spectra.SpectraSettings(40, ("layer1",)))
+    written = make_figures("ci", tmp_path, only=["spectra"], progress=False)
+    names = sorted(p.name for p in written["spectra"])
+    assert names == [
+        "spectra.csv",
+        "spectra.json",
+        "spectra.png",
+        "spectra_separation.png",
+        "spectra_tsne.png",
+    ]
+    assert all((tmp_path / n).stat().st_size > 0 for n in names)
+    with open(tmp_path / "spectra.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["stage"] for r in rows] == list(CNN_STAGES) and rows[0]["rows"] == "40"
+    meta = json.loads((tmp_path / "spectra.json").read_text())
+    assert meta["command"] == "python -m eglib figures --profile ci --only spectra"
+    assert meta["profile"] == "ci" and meta["seeds"] == [0]
+    assert meta["notes"]["rows_per_group"] == 40
+    with pytest.raises(KeyError, match="unknown study 'nope'"):
+        make_figures("ci", tmp_path, only=["nope"])
+    assert {"rank_vs_asr", "spectra"} <= set(studies.STUDIES)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,3 +67,20 @@ def cache_dir() -> Path:
     path = Path(root) if root else Path.home() / ".cache" / "eglib"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Within the block torch uses at most `n` intra-op CPU threads; the count is restored after.
+
+    For latency-bound work (tiny batches, thousands of small ops): waking a thread pool costs
+    more than it gains, and on a shared CPU a descheduled thread stalls every op.
+    """
+    if n < 1:
+        raise ValueError(f"n={n}; must be >= 1")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(min(n, previous))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -33,6 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
+from eglib.config import torch_threads
 from eglib.data import take_subset
 from eglib.evaluate import PROTOCOLS, evaluate_protocols, mixed_batches
 from eglib.experiments import ExperimentResult
@@ -233,17 +234,6 @@ def _metrics_table(metrics: dict[str, Metrics], caption: str) -> str:
         f'<table class="eglib-metrics-table"><caption>{html.escape(caption)}</caption>'
         f"<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
     )
-
-
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Within the block torch uses at most `n` intra-op threads; restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(min(n, previous))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _check_count(name: str, value: object, minimum: int) -> int:
@@ -514,7 +504,7 @@ class SpectralExplorer:
             self.layer_dropdown.value,
             self.k_slider.value,
         )
-        with _torch_threads(RENDER_THREADS):
+        with torch_threads(RENDER_THREADS):
             state = self._layer_state(attack, layer)
             if attack not in self._unguarded:
                 self._unguarded[attack] = self._metrics(attack, layer, state, None)

@@ -6,8 +6,9 @@ from typing import Any
 
 import torch
 
+from eglib.config import torch_threads
 from eglib.poison.base import Attack, register_attack
-from eglib.poison.ops import check_images, single_thread, to_uint8
+from eglib.poison.ops import check_images, to_uint8
 
 
 def quantize(values: torch.Tensor, levels: int) -> torch.Tensor:
@@ -23,13 +24,13 @@ def floyd_steinberg(images: torch.Tensor, levels: int) -> torch.Tensor:
     neighbour), and each finished row passes 3/16, 5/16, 1/16 of its errors to the row
     below. It is sequential in pixel position only: every step works on all N * C image
     channels at once, on a (H, W, N * C) layout so each step reads contiguous memory, on
-    one thread (`single_thread`: thousands of small ops gain nothing from waking threads).
+    one thread (`torch_threads(1)`: thousands of small ops gain nothing from waking threads).
     """
     n, c, height, width = images.shape
     step = 255.0 / (levels - 1)
     # in units of one level; a fresh contiguous buffer (for C = 1 the reshape is only a view)
     buf = (images.permute(2, 3, 0, 1) / step).reshape(height, width, n * c).contiguous()
-    with single_thread():
+    with torch_threads(1):
         out = _diffuse(buf, levels - 1)
     return (out * step).reshape(height, width, n, c).permute(2, 3, 0, 1)
 

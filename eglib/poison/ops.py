@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 
@@ -62,18 +59,3 @@ def gaussian_blur_matrices(sigma: torch.Tensor, size: int) -> torch.Tensor:
     dist2 = (pos[:, None] - pos[None, :]) ** 2
     weights = torch.exp(-dist2[None] / (2 * sigma.to(torch.float32)[:, None, None] ** 2))
     return weights / weights.sum(-1, keepdim=True)
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Run the block with one intra-op thread, then restore the previous count.
-
-    For loops of thousands of small tensor ops: on a busy machine, waking the thread pool
-    for each costs milliseconds (torch.round on 30k values: ~3 ms on 2 threads, 4 us on 1).
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

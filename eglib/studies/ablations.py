@@ -10,8 +10,7 @@ sub-ablation is a function returning table rows; `GRIDS` sizes them per profile.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from eglib.config import get_profile
+from eglib.config import get_profile, torch_threads
 from eglib.evaluate import TriggeredLike, accuracy, attack_success_rate, guards_eval_mode
 from eglib.experiments import ExperimentConfig, run_experiment
 from eglib.guard import EVAL_MODES
@@ -290,21 +289,6 @@ def architecture_ablation(
 SMALL_BATCH = 32  # evaluation batches below this run on one CPU thread
 
 
-@contextmanager
-def _cpu_threads(n: int) -> Iterator[None]:
-    """Torch uses `n` CPU threads inside the block; the previous count is restored after.
-
-    Tiny batches (down to single images) are latency-bound: more threads only add
-    synchronisation, and on a shared CPU a descheduled thread stalls every small op.
-    """
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 def eval_mode_rows(
     model: nn.Module,
     images: Any,
@@ -324,7 +308,7 @@ def eval_mode_rows(
         for size in batch_sizes:
             row: dict[str, Any] = {"eval_mode": mode, "batch_size": size, "defined": True}
             threads = 1 if size < SMALL_BATCH else torch.get_num_threads()
-            with guards_eval_mode(model, mode), _cpu_threads(threads):
+            with guards_eval_mode(model, mode), torch_threads(threads):
                 try:
                     row["acc"] = accuracy(model, images, labels, batch_size=size)
                     row["asr"] = attack_success_rate(

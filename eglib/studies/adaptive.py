@@ -15,7 +15,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from eglib.config import get_profile
+from eglib.config import get_profile, torch_threads
 from eglib.experiments import (
     ExperimentConfig,
     ExperimentResult,
@@ -26,7 +26,6 @@ from eglib.experiments import (
 from eglib.io import read_json, write_json_atomic
 from eglib.plots import adaptive_summary, protocol_heatmaps
 from eglib.plots.rank import RANK_GROUPS
-from eglib.poison.ops import single_thread
 from eglib.spectral import (
     capture_features,
     effective_rank,
@@ -104,7 +103,7 @@ def run_ranks(cfg: ExperimentConfig, *, count: int) -> dict[str, Any]:
     path = run_dir(cfg) / f"trigger_ranks_{count}.json"
     if path.exists():
         return dict(read_json(path))
-    with single_thread():
+    with torch_threads(1):
         ranks = trigger_ranks(run_experiment(cfg, progress=False), count=count, seed=cfg.seed)
     write_json_atomic(path, ranks)
     return ranks

@@ -284,3 +284,11 @@ def test_make_figures_writes_png_csv_json(monkeypatch: pytest.MonkeyPatch, tmp_p
     with pytest.raises(KeyError, match="unknown study 'nope'"):
         make_figures("ci", tmp_path, only=["nope"])
     assert {"rank_vs_asr", "spectra"} <= set(studies.STUDIES)
+
+
+def test_every_profile_has_observation_settings() -> None:
+    from eglib.config import PROFILES
+    from eglib.studies import rank_vs_asr, spectra
+
+    assert set(rank_vs_asr.ATTACKS) == set(PROFILES)
+    assert set(spectra.SETTINGS) == set(PROFILES)

@@ -24,6 +24,7 @@ POISON_RATE = 0.1
 ATTACKS: dict[str, tuple[str, ...]] = {
     "ci": ("badnets", "blend"),
     "demo": ("badnets", "blend"),
+    "lite": ("badnets", "blend"),
     "full": ("badnets", "blend", "sig"),
 }
 RANK_PREFIXES = ("erank_", "srank_")

@@ -55,6 +55,7 @@ class SpectraSettings:
 SETTINGS: dict[str, SpectraSettings] = {
     "ci": SpectraSettings(rows=200, tsne_stages=("layer1", "layer3")),
     "demo": SpectraSettings(rows=500, tsne_stages=("layer1", "layer3")),
+    "lite": SpectraSettings(rows=500, tsne_stages=("layer1", "layer3")),
     "full": SpectraSettings(rows=1000, tsne_stages=("stem", "layer1", "layer2", "layer3")),
 }
 

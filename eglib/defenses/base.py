@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from eglib.models.base import StagedNet
+from eglib.registry import add_entry, lookup
 
 DefenseStage = Literal["none", "architecture", "data", "training", "post"]
 
@@ -80,17 +81,12 @@ DEFENSES: dict[str, type[Defense]] = {}
 
 def register_defense(cls: type[Defense]) -> type[Defense]:
     """Class decorator: add a defence to the registry under `cls.name`."""
-    if cls.name in DEFENSES:
-        raise ValueError(f"defence {cls.name!r} registered twice")
-    DEFENSES[cls.name] = cls
-    return cls
+    return add_entry(DEFENSES, "defence", cls.name, cls)
 
 
 def make_defense(name: str, **params: Any) -> Defense:
     """Build the defence called `name`; an unknown name lists the allowed ones."""
-    if name not in DEFENSES:
-        raise ValueError(f"unknown defence {name!r}; allowed: {sorted(DEFENSES)}")
-    return DEFENSES[name](**params)
+    return lookup(DEFENSES, "defence", name)(**params)
 
 
 def train_on(

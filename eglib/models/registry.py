@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from eglib.models.base import StagedNet
+from eglib.registry import add_entry, lookup
 
 ModelBuilder = Callable[[int, int], StagedNet]
 """A builder takes (num_classes, in_channels) and returns a freshly initialised StagedNet."""
@@ -16,10 +17,7 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     """Function decorator: add a builder to `MODELS` under `name`."""
 
     def decorator(builder: ModelBuilder) -> ModelBuilder:
-        if name in MODELS:
-            raise ValueError(f"model {name!r} registered twice")
-        MODELS[name] = builder
-        return builder
+        return add_entry(MODELS, "model", name, builder)
 
     return decorator
 
@@ -36,11 +34,10 @@ def make_model(name: str, num_classes: int, in_channels: int = 3) -> StagedNet:
     (B, num_classes). Raises ValueError for an unknown name (listing the allowed ones),
     num_classes < 2 or in_channels < 1.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; allowed: {list_models()}")
+    builder = lookup(MODELS, "model", name)
     _check_count("num_classes", num_classes, minimum=2)
     _check_count("in_channels", in_channels, minimum=1)
-    return MODELS[name](num_classes, in_channels)
+    return builder(num_classes, in_channels)
 
 
 def _check_count(label: str, value: object, *, minimum: int) -> None:

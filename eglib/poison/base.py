@@ -7,6 +7,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from eglib.registry import add_entry, lookup
+
 LabelPolicy = Literal["all-to-one", "all-to-all"]
 LABEL_POLICIES: tuple[str, ...] = ("all-to-one", "all-to-all")
 
@@ -97,14 +99,9 @@ ATTACKS: dict[str, type[Attack]] = {}
 
 def register_attack(cls: type[Attack]) -> type[Attack]:
     """Class decorator: add an attack to the registry under `cls.name`."""
-    if cls.name in ATTACKS:
-        raise ValueError(f"attack {cls.name!r} registered twice")
-    ATTACKS[cls.name] = cls
-    return cls
+    return add_entry(ATTACKS, "attack", cls.name, cls)
 
 
 def make_attack(name: str, **params: Any) -> Attack:
     """Build the attack called `name` with `params`; an unknown name lists the allowed ones."""
-    if name not in ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; allowed: {sorted(ATTACKS)}")
-    return ATTACKS[name](**params)
+    return lookup(ATTACKS, "attack", name)(**params)

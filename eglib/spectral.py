@@ -68,8 +68,8 @@ def singular_values(A: torch.Tensor) -> torch.Tensor:
     return gram_eigh(M.T)[0]
 
 
-def _effective_rank_of(s: torch.Tensor) -> float:
-    """exp(Shannon entropy of s / sum(s)); 0 for a zero matrix."""
+def effective_rank_of_spectrum(s: torch.Tensor) -> float:
+    """Effective rank from singular values `s`: exp(entropy of s / sum(s)); 0 if all zero."""
     total = s.sum()
     if total <= 0:
         return 0.0
@@ -78,8 +78,8 @@ def _effective_rank_of(s: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def _stable_rank_of(s: torch.Tensor) -> float:
-    """sum(s^2) / max(s)^2; 0 for a zero matrix."""
+def stable_rank_of_spectrum(s: torch.Tensor) -> float:
+    """Stable rank from singular values `s`: sum(s^2) / max(s)^2; 0 if all zero."""
     top = s.max()
     if top <= 0:
         return 0.0
@@ -93,12 +93,12 @@ def effective_rank(A: torch.Tensor) -> float:
     invariant to scaling A. It grows with the number of rows: compare groups at equal counts
     (see `equal_count_subsample`).
     """
-    return _effective_rank_of(singular_values(A))
+    return effective_rank_of_spectrum(singular_values(A))
 
 
 def stable_rank(A: torch.Tensor) -> float:
     """Stable rank ||A||_F^2 / s_max^2 of a (B, ...) tensor's rows (0 for a zero matrix)."""
-    return _stable_rank_of(singular_values(A))
+    return stable_rank_of_spectrum(singular_values(A))
 
 
 def top_right_basis(A: torch.Tensor, k: int, *, center: bool = False) -> torch.Tensor:
@@ -344,5 +344,5 @@ class RankTracker:
         for stage, groups in features.items():
             for group, feats in zip(("clean", "triggered", "diff"), groups, strict=True):
                 s = singular_values(feats)
-                row[f"erank_{group}/{stage}"] = _effective_rank_of(s)
-                row[f"srank_{group}/{stage}"] = _stable_rank_of(s)
+                row[f"erank_{group}/{stage}"] = effective_rank_of_spectrum(s)
+                row[f"srank_{group}/{stage}"] = stable_rank_of_spectrum(s)

@@ -17,12 +17,12 @@ from eglib.config import get_profile
 from eglib.experiments import run_experiment
 from eglib.plots import projection_tsne, separation_summary, singular_spectra
 from eglib.spectral import (
-    _effective_rank_of,  # from singular values: one decomposition per group, not three
-    _stable_rank_of,
     capture_features,
+    effective_rank_of_spectrum,  # from singular values: one decomposition per group, not three
     equal_count_subsample,
     flatten_rows,
     singular_values,
+    stable_rank_of_spectrum,
     top_tail_projections,
     tsne_embed,
 )
@@ -111,8 +111,8 @@ def stage_measures(
     spectra = {}
     for group, feats in groups.items():
         spectra[group] = singular_values(feats)
-        row[f"erank_{group}"] = _effective_rank_of(spectra[group])
-        row[f"srank_{group}"] = _stable_rank_of(spectra[group])
+        row[f"erank_{group}"] = effective_rank_of_spectrum(spectra[group])
+        row[f"srank_{group}"] = stable_rank_of_spectrum(spectra[group])
     top, tail = top_tail_projections(groups["mixed"], k)
     bases = {
         "top_mixed": top_right_basis(groups["mixed"], k, top=top),

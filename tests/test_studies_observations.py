@@ -21,6 +21,7 @@ from eglib.config import get_profile
 from eglib.experiments import ExperimentData
 from eglib.models import make_model
 from eglib.poison import backdoor_testset, make_attack
+from eglib.spectral import top_right_basis
 from eglib.studies import make_figures, rank_vs_asr, spectra
 from eglib.studies.metrics import (
     energy_fraction,
@@ -28,7 +29,6 @@ from eglib.studies.metrics import (
     pairwise_distances,
     random_basis,
     silhouette,
-    top_right_basis,
 )
 
 CNN_STAGES = ("stem", "layer1", "layer2", "layer3")
@@ -41,20 +41,6 @@ def _orthonormal(dim: int, k: int, seed: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # metrics
 # ----------------------------------------------------------------------------------------------
-
-
-def test_top_right_basis_matches_svd() -> None:
-    g = torch.Generator().manual_seed(0)
-    A = torch.randn(40, 25, generator=g, dtype=torch.float64) * torch.linspace(5, 0.1, 25)
-    V = top_right_basis(A, 4)
-    assert V.shape == (25, 4)
-    torch.testing.assert_close(V.T @ V, torch.eye(4, dtype=torch.float64), atol=1e-8, rtol=0)
-    Vh = torch.linalg.svd(A, full_matrices=False).Vh[:4].T
-    torch.testing.assert_close(V @ V.T, Vh @ Vh.T, atol=1e-8, rtol=0)  # same subspace
-    wide = torch.randn(6, 50, generator=g, dtype=torch.float64)  # B < D: the other Gram side
-    Vw = top_right_basis(wide, 3)
-    Vhw = torch.linalg.svd(wide, full_matrices=False).Vh[:3].T
-    torch.testing.assert_close(Vw @ Vw.T, Vhw @ Vhw.T, atol=1e-8, rtol=0)
 
 
 def test_energy_fraction_planted_direction_vs_random_baseline() -> None:

@@ -5,24 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from eglib.spectral import flatten_rows, top_tail_projections
-
-
-def top_right_basis(A: torch.Tensor, k: int, *, top: torch.Tensor | None = None) -> torch.Tensor:
-    """Orthonormal top-k right singular vectors (D, k) of the rows of A (B, ...), float64.
-
-    Read off `top_tail_projections` (pass its `top` if already computed): the top coordinates
-    are A V_k = U_k diag(s_k), so V_k = A^T top diag(1 / s_k^2); directions with s ~ 0
-    (rank < k) come out as zero columns.
-    """
-    M = flatten_rows(A).to(torch.float64)
-    if top is None:
-        top, _ = top_tail_projections(M, k)
-    if top.shape != (M.shape[0], k):
-        raise ValueError(f"top has shape {tuple(top.shape)}; expected ({M.shape[0]}, {k})")
-    power = top.square().sum(dim=0)
-    keep = power > 0
-    return (M.T @ top) / torch.where(keep, power, torch.ones_like(power)) * keep
+from eglib.spectral import flatten_rows
 
 
 def random_basis(dim: int, k: int, *, seed: int) -> torch.Tensor:

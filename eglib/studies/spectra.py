@@ -23,6 +23,7 @@ from eglib.spectral import (
     flatten_rows,
     singular_values,
     stable_rank_of_spectrum,
+    top_right_basis,
     top_tail_projections,
     tsne_embed,
 )
@@ -34,7 +35,6 @@ from eglib.studies.metrics import (
     pairwise_distances,
     random_basis,
     silhouette,
-    top_right_basis,
 )
 
 NAME = "spectra"
@@ -115,7 +115,7 @@ def stage_measures(
         row[f"srank_{group}"] = stable_rank_of_spectrum(spectra[group])
     top, tail = top_tail_projections(groups["mixed"], k)
     bases = {
-        "top_mixed": top_right_basis(groups["mixed"], k, top=top),
+        "top_mixed": top_right_basis(groups["mixed"], k),
         "top_clean": top_right_basis(clean, k),
         "random": random_basis(dim, k, seed=seed),
     }

@@ -25,12 +25,14 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from eglib.config import cache_dir
+from eglib.io import write_atomic
 
 SPLITS: tuple[str, ...] = ("train", "test")
 _Arrays = tuple[np.ndarray, np.ndarray]  # images uint8 (N, C, H, W), labels (N,)
@@ -188,11 +190,10 @@ def _download(remote: _Remote, folder: Path) -> None:
     target = folder / remote.filename
     if target.is_file() and _md5(target) == remote.md5:
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{remote.filename}.", suffix=".part")
-    try:
+
+    def fetch(out: IO[bytes]) -> None:
         digest = hashlib.md5(usedforsecurity=False)
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(remote.url, timeout=60) as resp:
+        with urllib.request.urlopen(remote.url, timeout=60) as resp:
             while chunk := resp.read(1 << 20):
                 out.write(chunk)
                 digest.update(chunk)
@@ -201,10 +202,8 @@ def _download(remote: _Remote, folder: Path) -> None:
                 f"checksum mismatch for {remote.url}: md5 {digest.hexdigest()}, "
                 f"expected {remote.md5}"
             )
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    write_atomic(target, fetch)
 
 
 def _unpack(archive: Path, member: str) -> None:
@@ -400,21 +399,8 @@ def _read_gtsrb(files: list[Path], info: DatasetInfo, progress: bool) -> _Arrays
     bar = tqdm(paths, desc=f"decoding GTSRB {split}", disable=not progress)
     pixels = [_decode_ppm(p, box) for p, box in zip(bar, boxes, strict=True)]  # file I/O
     images = np.ascontiguousarray(np.stack(pixels).transpose(0, 3, 1, 2))
-    _save_npz_atomic(cached, images=images, labels=labels)
+    write_atomic(cached, lambda f: np.savez(f, images=images, labels=labels))
     return images, labels
-
-
-def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """Write arrays to `path` as .npz via a temp file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 _Finder = Callable[[Path, str], list[Path] | None]

@@ -19,7 +19,7 @@ import torch
 from eglib.config import default_device
 
 
-def _write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> None:
+def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> None:
     """Call `write` on a temp file beside `path`, fsync it, then os.replace it onto `path`.
 
     Readers see the old file or the complete new one, never a partial write; on any error
@@ -46,12 +46,12 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     def write(f: IO[bytes]) -> None:
         json.dump(obj, codecs.getwriter("utf-8")(f), indent=2, default=_json_default)
 
-    _write_atomic(path, write)
+    write_atomic(path, write)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write `text` (UTF-8) to `path` atomically (e.g. a CSV or Markdown table)."""
-    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -64,7 +64,7 @@ def save_state_atomic(path: str | os.PathLike[str], state: dict[str, Any]) -> No
     """torch.save a dict of tensors and plain data (numbers, strings, lists, dicts) atomically."""
     if not isinstance(state, dict):
         raise ValueError(f"state must be a dict, got {type(state).__name__}")
-    _write_atomic(path, lambda f: torch.save(state, f))
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import seaborn as sns
 from matplotlib.figure import Figure
+
+from eglib.io import write_atomic
 
 PROTOCOLS = ("per_sample", "mixed", "pure")
 PROTOCOL_LABELS = {
@@ -26,14 +26,6 @@ def use_style() -> None:
 def save_figure(fig: Figure, path: str | Path, dpi: int = 130) -> Path:
     """Save a figure as PNG atomically (temp file in the same folder, then rename)."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(target, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
     plt.close(fig)
     return target

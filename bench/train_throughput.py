@@ -29,7 +29,7 @@ from eglib.data import augment, iterate_batches, to_float
 from eglib.io import environment_info, write_json_atomic
 from eglib.models import make_model
 from eglib.models.base import StagedNet
-from eglib.train import TrainSettings, default_pad, train_model
+from eglib.train import TrainSettings, default_pad, make_optimizer, train_model
 
 OUT = Path(__file__).resolve().parents[1] / "figures" / "bench" / "train_throughput.json"
 SHAPE = (1, 28, 28)  # Fashion-MNIST-sized input
@@ -111,13 +111,7 @@ def time_bare(
     amp = settings.amp and device.type == "cuda"
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=settings.lr,
-        momentum=settings.momentum,
-        weight_decay=settings.weight_decay,
-        nesterov=settings.nesterov,
-    )
+    optimizer = make_optimizer(model, settings)
     with _Clock(device) as clock:
         for x, y in batches:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

@@ -117,6 +117,17 @@ def _check_data(model: StagedNet, images: torch.Tensor, labels: torch.Tensor) ->
         raise ValueError(f"label {bad} out of range; must be in [0, {model.num_classes - 1}]")
 
 
+def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.SGD:
+    """SGD with the settings' learning rate, momentum, weight decay and Nesterov switch."""
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=settings.lr,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+        nesterov=settings.nesterov,
+    )
+
+
 def _cosine(total_steps: int) -> Callable[[int], float]:
     """LR factor at optimizer step `step`: cosine from 1 to 0 over `total_steps`."""
 
@@ -173,13 +184,7 @@ def train_model(
     model.to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=settings.lr,
-        momentum=settings.momentum,
-        weight_decay=settings.weight_decay,
-        nesterov=settings.nesterov,
-    )
+    optimizer = make_optimizer(model, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(total_steps))
     generator = torch.Generator().manual_seed(seed)
     fingerprint = _run_fingerprint(settings, seed, n)

@@ -310,6 +310,7 @@ def test_evaluate_detectors_shares_features_and_reports() -> None:
     )
     assert [r["detector"] for r in records] == ["ss", "ac"]
     assert all(r["poison_rate"] == 0.1 and r["n_poison"] == 10 for r in records)
+    assert "clusters" in records[1]["info"]  # AC's account of its decision travels along
     assert len(detection_table(records)) == 2
 
 

@@ -18,8 +18,14 @@ import pytest
 import torch
 
 from eglib import studies
-from eglib.config import PROFILES
-from eglib.experiments import ExperimentConfig, ExperimentData, ExperimentResult, run_dir
+from eglib.config import PROFILES, Profile
+from eglib.experiments import (
+    ExperimentConfig,
+    ExperimentData,
+    ExperimentResult,
+    run_dir,
+    run_experiment,
+)
 from eglib.io import write_json_atomic
 from eglib.models import make_model
 from eglib.poison import backdoor_testset, make_attack
@@ -164,26 +170,29 @@ def test_summary_rows_mean_std_and_protocol_columns() -> None:
     assert math.isnan(table[2]["asr_std"])  # one seed: no std, not a zero one
 
 
-def test_detection_table_from_hand_made_records() -> None:
-    records = []
-    for rate, auroc in ((0.01, 0.9), (0.05, 0.8), (0.1, 0.6)):
-        for seed, tpr in enumerate((0.7, 0.9)):
-            cfg = defence_table.table_config("ci", "badnets", "ss", seed, poison_rate=rate)
-            records.append(_record(cfg, 0.9, 0.1, info={"detection": _detection(auroc, tpr, 0.1)}))
+def _report(
+    detector: str, rate: float, seed: int, auroc: float, tpr: float, info: dict | None = None
+) -> dict[str, Any]:
+    """A detector report as `detector_reports` returns it."""
+    extra = {"attack": "badnets", "poison_rate": rate, "seed": seed, "target": 0}
+    body = {"detector": detector, "params": {}, **extra, **_detection(auroc, tpr, 0.1)}
+    return {**body, "info": info or {}}
+
+
+def test_detection_table_from_hand_made_reports() -> None:
+    reports = [
+        _report("ss", rate, seed, auroc, tpr)
+        for rate, auroc in ((0.01, 0.9), (0.05, 0.8), (0.1, 0.6))
+        for seed, tpr in enumerate((0.7, 0.9))
+    ]
     clusters = [
         {"label": 0, "sizes": [35, 45], "smaller_share": 35 / 80, "flagged": False},
         {"label": 1, "sizes": [2, 38], "smaller_share": 0.05, "flagged": True},
     ]
-    ac_cfg = defence_table.table_config("ci", "badnets", "ac")
-    records.append(
-        _record(
-            ac_cfg, 0.9, 0.9, info={"detection": _detection(0.5, 0.0, 0.01), "clusters": clusters}
-        )
-    )
-    records.append(_record(defence_table.table_config("ci", "badnets", "none"), 0.9, 1.0))
+    reports.append(_report("ac", 0.1, 0, 0.5, 0.0, info={"clusters": clusters}))
 
-    flat = defence_table.detection_records(records)
-    assert len(flat) == 7  # the undefended run reports no detection
+    flat = defence_table.detection_records(reports)
+    assert len(flat) == 7 and "info" not in flat[0] and "params" not in flat[0]
     ac = flat[-1]
     assert (ac["detector"], ac["poison_rate"], ac["target_flagged"]) == ("ac", 0.1, False)
     assert ac["target_poison_share"] == pytest.approx(40 / 80)
@@ -195,14 +204,49 @@ def test_detection_table_from_hand_made_records() -> None:
     assert ss_1["n"] == 2 and ss_1["tpr"] == pytest.approx(0.8)
     assert ss_1["tpr_std"] == pytest.approx(statistics.stdev([0.7, 0.9]))
 
-    seeds = defence_table.seed_rows(records)
-    assert seeds[0]["det_auroc"] == 0.9 and "det_auroc" not in seeds[-1]
-
     wide = defence_table.detection_wide(flat)
     ss_row = next(r for r in wide if r["detector"] == "ss")
     assert ss_row["auroc@1%"] == pytest.approx(0.9) and ss_row["tpr@5%"] == pytest.approx(0.8)
     ac_row = next(r for r in wide if r["detector"] == "ac")
     assert math.isnan(ac_row["auroc@1%"]) and ac_row["auroc@10%"] == 0.5
+
+
+def test_seed_rows_carry_a_filtering_defences_own_detection() -> None:
+    ss = defence_table.table_config("ci", "badnets", "ss")
+    none = defence_table.table_config("ci", "badnets", "none")
+    rows = defence_table.seed_rows(
+        [
+            _record(ss, 0.9, 0.1, info={"detection": _detection(0.9, 0.7, 0.1)}),
+            _record(none, 0.9, 1),
+        ]
+    )
+    assert rows[0]["det_auroc"] == 0.9 and "det_auroc" not in rows[1]
+
+
+def test_detector_reports_refuse_a_defended_or_clean_run() -> None:
+    with pytest.raises(ValueError, match="defense='ss'"):
+        defence_table.detector_reports(defence_table.table_config("ci", "badnets", "ss"), ["ss"])
+    with pytest.raises(ValueError, match="attack=None"):
+        defence_table.detector_reports(
+            defence_table.table_config("ci", "badnets", "none").replace(attack=None), ["ss"]
+        )
+
+
+def test_scoring_the_undefended_run_is_the_filtering_defences_detection(
+    tiny_fashion: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The detection table scores the undefended model; SS as a defence trains that same model
+    first, so its own report must be the same (the shortcut changes no number)."""
+    tiny = Profile("tiny", 300, 100, 1, 32, (0,))
+    monkeypatch.setitem(PROFILES, "tiny", tiny)
+    none = defence_table.table_config("tiny", "badnets", "none")
+    ss = defence_table.table_config("tiny", "badnets", "ss")
+    (scored,) = defence_table.detector_reports(none, ["ss"])
+    assert (run_dir(none) / defence_table.DETECTION_FILE).exists()
+    own = run_experiment(ss, progress=False).record["defense"]["info"]["detection"]
+    for key in ("auroc", "tpr", "fpr", "n_removed", "n_poison"):
+        assert scored[key] == pytest.approx(own[key]), key
+    assert defence_table.detector_reports(none, ["ss"])[0]["auroc"] == scored["auroc"]  # cached
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,11 +274,24 @@ def _fake_grid(calls: list[int]) -> Any:
     return run_grid
 
 
+def _fake_reports(scored: list[ExperimentConfig]) -> Any:
+    """A detector_reports that records which runs it scored and reports a fixed AUROC."""
+
+    def detector_reports(cfg: ExperimentConfig, detectors: Any) -> list[dict[str, Any]]:
+        scored.append(cfg)
+        return [_report(d, cfg.poison_rate, cfg.seed, 0.7, 0.6) for d in detectors]
+
+    return detector_reports
+
+
 def test_defence_table_run_tables_and_figures(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
+    scored: list[ExperimentConfig] = []
     monkeypatch.setattr(defence_table, "run_grid", _fake_grid(calls))
+    monkeypatch.setattr(defence_table, "detector_reports", _fake_reports(scored))
     result = defence_table.run("ci", progress=False, jobs=2)
-    assert calls == [3]  # badnets x (none, eigenguard, ss); the detection run is the SS one
+    assert calls == [3]  # badnets x (none, eigenguard, ss); detection scores the none run
+    assert scored == [defence_table.table_config("ci", "badnets", "none")]
     assert [(r["attack"], r["defense"]) for r in result.rows] == [
         ("badnets", "none"),
         ("badnets", "eigenguard"),
@@ -243,7 +300,7 @@ def test_defence_table_run_tables_and_figures(monkeypatch: pytest.MonkeyPatch) -
     assert result.rows[1]["asr_pure"] == pytest.approx(0.1)
     assert result.notes["runs"] == 3 and result.seeds == (0,)
     extra = defence_table.tables(result)
-    assert len(extra["seeds"]) == 3 and len(extra["detection_seeds"]) == 1
+    assert len(extra["seeds"]) == 3 and len(extra["detection_seeds"]) == 4  # one per detector
     assert extra["detection"][0]["auroc@10%"] == pytest.approx(0.7)
     figs = defence_table.figures(result)
     assert set(figs) == {"", "protocols", "detection"}

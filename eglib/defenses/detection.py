@@ -130,7 +130,8 @@ def evaluate_detectors(
     """Run detectors on one trained model's features; one flat record per detector.
 
     `detectors`: names (default parameters) or {name: params}; None = every detector. Each
-    record is {"detector", "params", **extra, **detection_report(...)}; features are computed
+    record is {"detector", "params", **extra, **detection_report(...), "info": the
+    detector's own plain-JSON account of its decision}; features are computed
     once per (layer, pooling). Put e.g. {"poison_rate": 0.05, "attack": "badnets"} in
     `extra` so `detection_table` can lay the records out side by side.
     """
@@ -146,7 +147,15 @@ def evaluate_detectors(
             cache[key] = detector.features(model, images, device=device)
         found = detector.detect(cache[key], labels)
         report = detection_report(found.scores, poison_idx, found.removed)
-        records.append({"detector": name, "params": dict(params), **(extra or {}), **report})
+        records.append(
+            {
+                "detector": name,
+                "params": dict(params),
+                **(extra or {}),
+                **report,
+                "info": found.info,
+            }
+        )
     return records
 
 

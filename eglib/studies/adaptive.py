@@ -58,13 +58,14 @@ class AdaptiveGrid:
     rank_samples: int  # test images per group (clean, triggered, difference): equal counts
 
 
+# the baselines a high-rank trigger threatens most (the spectral detectors SS, SPECTRE) and
+# the post-training repairs that do not look at the spectrum (FT, ANP)
+BASELINES = ("none", "eigenguard", "ft", "anp", "ss", "spectre")
 GRIDS: dict[str, AdaptiveGrid] = {
     "ci": AdaptiveGrid(("none", "eigenguard"), rank_samples=256),
-    "lite": AdaptiveGrid(("none", "eigenguard"), rank_samples=512),
+    "lite": AdaptiveGrid(BASELINES, rank_samples=512),
     "demo": AdaptiveGrid(("none", "eigenguard", "ss"), rank_samples=512),
-    # the baselines a high-rank trigger threatens most (the spectral detectors SS, SPECTRE)
-    # and the post-training repairs that do not look at the spectrum (FT, ANP)
-    "full": AdaptiveGrid(("none", "eigenguard", "ft", "anp", "ss", "spectre"), rank_samples=1000),
+    "full": AdaptiveGrid(BASELINES, rank_samples=1000),
 }
 
 

@@ -24,7 +24,7 @@ from eglib.guard import EigenGuard, insert_guard
 from eglib.io import write_json_atomic
 from eglib.models import make_model
 from eglib.plots import PROTOCOLS
-from eglib.studies import STUDIES, ablations, forced_dimension
+from eglib.studies import STUDIES, ablations, forced_dimension, runs
 from eglib.studies.base import StudyResult
 from eglib.studies.forced_dimension import (
     GRIDS,
@@ -37,10 +37,10 @@ from eglib.studies.forced_dimension import (
     model_stages,
     study_config,
     study_configs,
-    summarise,
     variant_label,
     variant_params,
 )
+from eglib.studies.runs import summarise
 from eglib.train import TrainSettings, train_model
 
 
@@ -273,7 +273,7 @@ def test_run_configs_reads_the_cache_without_training(
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("run_grid called although every run is cached")
 
-    monkeypatch.setattr(forced_dimension, "run_grid", no_training)
+    monkeypatch.setattr(runs, "run_grid", no_training)
     rows = forced_dimension.run_configs([*configs, configs[0]])
     assert [r["variant"] for r in rows] == [UNDEFENDED, "kth", UNDEFENDED]
     assert rows[1]["k"] == 4 and rows[1]["at"] == "layer1" and rows[1]["asr_pure"] == 0.1

@@ -29,7 +29,7 @@ from eglib.experiments import (
 from eglib.io import write_json_atomic
 from eglib.models import make_model
 from eglib.poison import backdoor_testset, make_attack
-from eglib.studies import adaptive, defence_table
+from eglib.studies import adaptive, defence_table, runs
 
 PROTOCOLS = ("per_sample", "mixed", "pure")
 
@@ -287,7 +287,7 @@ def _fake_reports(scored: list[ExperimentConfig]) -> Any:
 def test_defence_table_run_tables_and_figures(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     scored: list[ExperimentConfig] = []
-    monkeypatch.setattr(defence_table, "run_grid", _fake_grid(calls))
+    monkeypatch.setattr(runs, "run_grid", _fake_grid(calls))
     monkeypatch.setattr(defence_table, "detector_reports", _fake_reports(scored))
     result = defence_table.run("ci", progress=False, jobs=2)
     assert calls == [3]  # badnets x (none, eigenguard, ss); detection scores the none run
@@ -334,7 +334,7 @@ def test_adaptive_run_ranks_the_undefended_and_guarded_models(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls: list[int] = []
-    monkeypatch.setattr(defence_table, "run_grid", _fake_grid(calls))
+    monkeypatch.setattr(runs, "run_grid", _fake_grid(calls))
     measured: list[tuple[str | None, str]] = []
 
     def fake_ranks(cfg: ExperimentConfig, progress: bool = False) -> Any:

@@ -37,9 +37,9 @@ from eglib.studies.forced_dimension import (
     percent_table,
     run_configs,
     study_config,
-    summarise,
 )
 from eglib.studies.forced_dimension import GRIDS as FORCED_GRIDS
+from eglib.studies.runs import summarise
 
 NAME = "ablations"
 

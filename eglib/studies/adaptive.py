@@ -39,10 +39,9 @@ from eglib.studies.defence_table import (
     METRIC_COLUMNS,
     MODEL,
     POISON_RATE,
-    run_records,
     table_configs,
 )
-from eglib.studies.forced_dimension import summarise
+from eglib.studies.runs import run_records, summarise
 
 NAME = "adaptive"
 ATTACKS = ("badnets", "highrank", "advnoise")  # BadNets: the non-adaptive reference

@@ -29,14 +29,8 @@ from eglib.plots import PROTOCOLS, defence_heatmaps, detection_heatmaps, protoco
 from eglib.poison import ATTACKS
 from eglib.studies.ablations import REFERENCE
 from eglib.studies.base import StudyResult
-from eglib.studies.forced_dimension import (
-    MAX_ACC_DROP,
-    default_jobs,
-    guard_params,
-    model_stages,
-    summarise,
-)
-from eglib.sweep import run_grid
+from eglib.studies.forced_dimension import MAX_ACC_DROP, guard_params, model_stages
+from eglib.studies.runs import run_records, summarise
 
 NAME = "defence_table"
 DATASET = "fashion-mnist"
@@ -179,18 +173,6 @@ def detection_configs(profile: str | None, seeds: Sequence[int]) -> list[Experim
     return table_configs(
         profile, grid.detection_attacks, ("none",), seeds, rates=grid.detection_rates
     )
-
-
-def run_records(
-    configs: Sequence[ExperimentConfig], *, jobs: int | None = None, progress: bool = True
-) -> list[dict[str, Any]]:
-    """The records of `configs`, in order: cached runs are read from disk, the others are
-    trained first in `jobs` processes (None: one per CPU core, 1 on a GPU) by `run_grid`."""
-    unique = list(dict.fromkeys(configs))
-    missing = [c for c in unique if not (run_dir(c) / "record.json").exists()]
-    if missing:
-        run_grid(missing, jobs=jobs or default_jobs(len(missing)), progress=progress)
-    return [read_json(run_dir(c) / "record.json") for c in configs]
 
 
 def detector_reports(cfg: ExperimentConfig, detectors: Sequence[str]) -> list[dict[str, Any]]:

@@ -7,8 +7,6 @@ so the runs both need come from the cache once trained."""
 
 from __future__ import annotations
 
-import math
-import os
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,14 +15,13 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from eglib.config import default_device, get_profile
+from eglib.config import get_profile
 from eglib.data import dataset_info
-from eglib.experiments import ExperimentConfig, record_row, run_dir
-from eglib.io import read_json
+from eglib.experiments import ExperimentConfig, record_row
 from eglib.models import make_model
 from eglib.plots import PROTOCOLS, formatted_table, metric_vs_param
 from eglib.studies.base import StudyResult
-from eglib.sweep import run_grid
+from eglib.studies.runs import METRIC_COLUMNS, run_records, summarise
 
 NAME = "forced_dimension"
 DATASET = "fashion-mnist"
@@ -53,7 +50,6 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": {},
 }
 
-METRIC_COLUMNS: tuple[str, ...] = tuple(f"{m}_{p}" for p in PROTOCOLS for m in ("acc", "asr"))
 CHOICE_KEYS = ("variant", "tail_scale", "k")  # what identifies a guard configuration
 
 
@@ -174,65 +170,12 @@ def describe(cfg: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-def default_jobs(n_runs: int) -> int:
-    """Worker processes for `n_runs` runs: 1 on a GPU, else one per CPU core (at most n_runs)."""
-    if default_device().type == "cuda":
-        return 1
-    return max(1, min(n_runs, os.cpu_count() or 1))
-
-
-def run_records(
-    configs: Sequence[ExperimentConfig], *, jobs: int | None = None, progress: bool = True
-) -> list[dict[str, Any]]:
-    """The records of `configs`, in order; trains only the runs the cache lacks.
-
-    Missing runs are trained in `jobs` parallel processes (`eglib.sweep.run_grid`; None: see
-    `default_jobs`); every record is then read from the cache, so a warm cache costs no
-    model or data loading.
-    """
-    unique = list(dict.fromkeys(configs))
-    missing = [c for c in unique if not (run_dir(c) / "record.json").exists()]
-    if missing:
-        run_grid(missing, jobs=jobs or default_jobs(len(missing)), progress=progress)
-    return [read_json(run_dir(c) / "record.json") for c in configs]
-
-
 def run_configs(
     configs: Sequence[ExperimentConfig], *, jobs: int | None = None, progress: bool = True
 ) -> list[dict[str, Any]]:
     """Rows (`describe` + `record_row`) of the configs' runs, in order (see `run_records`)."""
     records = run_records(configs, jobs=jobs, progress=progress)
     return [{**describe(c), **record_row(r)} for c, r in zip(configs, records, strict=True)]
-
-
-def summarise(
-    rows: Sequence[dict[str, Any]],
-    by: Sequence[str],
-    metrics: Sequence[str] = METRIC_COLUMNS,
-) -> list[dict[str, Any]]:
-    """One row per distinct value of the `by` keys (first-seen order): `n` (rows, e.g. seeds),
-    the mean of each metric and its sample std as `<metric>_std` (NaN for one row).
-
-    Metrics that are None or NaN in a row are left out of that metric's mean.
-    """
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(tuple(row.get(key) for key in by), []).append(row)
-    table = []
-    for values, members in groups.items():
-        entry: dict[str, Any] = dict(zip(by, values, strict=True))
-        entry["n"] = len(members)
-        for metric in metrics:
-            numbers = [float(r[metric]) for r in members if _defined(r.get(metric))]
-            entry[metric] = statistics.fmean(numbers) if numbers else math.nan
-            entry[f"{metric}_std"] = statistics.stdev(numbers) if len(numbers) > 1 else math.nan
-        table.append(entry)
-    return table
-
-
-def _defined(value: Any) -> bool:
-    """True for a number that is not NaN."""
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
 def percent_table(

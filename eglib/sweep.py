@@ -66,6 +66,25 @@ def _run_one(cfg: ExperimentConfig, threads: int) -> dict[str, Any]:
     return record_row(run_experiment(cfg, progress=False).record)
 
 
+def _describe(cfg: ExperimentConfig) -> str:
+    """A config in one line: its key and the fields that tell runs of a grid apart."""
+    return (
+        f"key {cfg.key()}: {cfg.attack} {cfg.poison_rate:g} {cfg.model} "
+        f"defense={cfg.defense} seed={cfg.seed}"
+    )
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel the queued runs and end the running ones (else the pool's exit waits for every
+    queued run, and an interrupted notebook leaves workers training in the background)."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())  # no public accessor
+    pool.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join(timeout=10)
+
+
 def run_grid(
     configs: Iterable[ExperimentConfig], *, jobs: int = 1, progress: bool = True
 ) -> list[dict[str, Any]]:
@@ -79,10 +98,22 @@ def run_grid(
     bar = tqdm(total=len(configs), desc=f"sweep ({cached} cached)", disable=not progress)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(_run_one, cfg, threads): i for i, cfg in enumerate(configs)}
-        for future in as_completed(futures):
-            rows[futures[future]] = future.result()
-            bar.update()
-    bar.close()
+        try:
+            for future in as_completed(futures):
+                i = futures[future]
+                try:
+                    rows[i] = future.result()
+                except Exception as error:
+                    raise RuntimeError(
+                        f"run {i} of the grid failed ({_describe(configs[i])}): {error!r}; "
+                        "the runs that finished are cached, the others were stopped"
+                    ) from error
+                bar.update()
+        except BaseException:  # a failed run or an interrupt: stop, do not drain the queue
+            _stop_workers(pool)
+            raise
+        finally:
+            bar.close()
     return [r for r in rows if r is not None]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 import time
 from collections.abc import Sequence
@@ -23,6 +24,14 @@ def _fake_run_one(cfg: ExperimentConfig, threads: int) -> dict[str, Any]:
     early configs finish last, so completion order differs from config order."""
     time.sleep(0.3 if cfg.seed < 2 else 0.0)
     return {"seed": cfg.seed, "defense": cfg.defense, "threads": threads, "pid": os.getpid()}
+
+
+def _failing_run_one(cfg: ExperimentConfig, threads: int) -> dict[str, Any]:
+    """Stand-in for `sweep._run_one`: seed 0 fails at once, every other run takes 30 s."""
+    if cfg.seed == 0:
+        raise ValueError("boom")
+    time.sleep(30)
+    return {"seed": cfg.seed}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,3 +191,18 @@ def test_run_grid_two_processes_rows_in_config_order(
 def test_run_grid_rejects_zero_jobs() -> None:
     with pytest.raises(ValueError, match="jobs=0; must be >= 1"):
         sweep.run_grid([], jobs=0)
+
+
+def test_run_grid_stops_at_a_failed_run_and_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failing run stops the grid at once: queued runs are cancelled, running ones ended
+    (before, the pool's exit waited for every queued run and left nothing to interrupt)."""
+    monkeypatch.setenv("EGLIB_CACHE", str(tmp_path))
+    monkeypatch.setattr(sweep, "_run_one", _failing_run_one)
+    configs = sweep.expand_grid({"attack": "badnets"}, {"seed": [0, 1, 2, 3]}, "ci")
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"run 0 of the grid failed \(key .* seed=0\).*boom"):
+        sweep.run_grid(configs, jobs=2, progress=False)
+    assert time.perf_counter() - start < 20  # not 30 s of the running run, nor 60 of the queue
+    assert multiprocessing.active_children() == []  # no worker left behind

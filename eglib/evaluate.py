@@ -261,7 +261,9 @@ def evaluate_protocols(
     only its samples whose source label differs from the target take part. 'mixed' builds
     its batches with `mixed_batches` (seeded by `seed`): every clean and triggered image takes
     part, repeated where the poison rate needs it; ACC and ASR weigh each image once (the mean
-    of its repeats). Guards' eval modes are restored afterwards, even on error.
+    of its repeats). Guards' eval modes are restored afterwards, even on error. A model with
+    no guard predicts each image independently of its batch, so its three protocols are the
+    per-sample numbers, computed once (the mixed batches are ~10x the test set at 10 %).
     """
     _check_images(clean_images, "clean_images")
     _check_labels(clean_labels, clean_images.shape[0], "clean_labels")
@@ -294,6 +296,8 @@ def evaluate_protocols(
 
     with guards_eval_mode(model, "running"):
         result = {"per_sample": pure()}
+    if not find_guards(model):
+        return {protocol: dict(result["per_sample"]) for protocol in PROTOCOLS}
     with guards_eval_mode(model, "batch"):
         c_rows, c_preds, t_rows, t_preds = _mixed_predictions(
             model, clean_images, trig_x, batches, dev

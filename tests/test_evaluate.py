@@ -186,6 +186,24 @@ def test_protocols_identical_without_guards() -> None:
     assert result["pure"]["acc"] >= 0.5 and 0.4 <= result["pure"]["asr"] < 1.0
 
 
+def test_protocols_skip_the_mixed_batches_without_guards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guard-free model is batch-independent: the (large) mixed batches are not predicted."""
+    import eglib.evaluate as evaluate
+
+    def no_mixed(*args: object, **kwargs: object) -> None:
+        raise AssertionError("mixed batches predicted for a model without a guard")
+
+    monkeypatch.setattr(evaluate, "_mixed_predictions", no_mixed)
+    clean_x, clean_y = _random_set(40, seed=3)
+    trig_x, source = _random_set(30, seed=4)
+    target = torch.full_like(source, 3)
+    source[source == 3] = 4
+    result = evaluate_protocols(
+        _cnn(), clean_x, clean_y, _Triggered(trig_x, target, source), poison_rate=0.1
+    )
+    assert result["per_sample"] == result["mixed"] == result["pure"]
+
+
 def test_protocols_apply_the_guard_modes_and_the_poison_rate() -> None:
     # clean images of brightness 0.2 (class 0), triggered of 0.8 wanting class 1
     model, guard = _brightness_model(running=0.3, threshold=0.45)

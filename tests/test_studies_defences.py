@@ -97,6 +97,13 @@ def test_badnets_configs_are_the_quickstarts() -> None:
     assert (guarded.epochs, guarded.train_size, guarded.seed) == (ci.epochs, ci.train_size, 0)
 
 
+def test_anp_in_the_table_limits_its_accuracy_drop() -> None:
+    assert dict(defence_table.table_config("ci", "badnets", "anp").defense_params) == {
+        "max_acc_drop": 0.1
+    }
+    assert defence_table.table_config("ci", "badnets", "ft").defense_params == ()
+
+
 def test_learned_attacks_are_small_outside_the_full_profile() -> None:
     ci = dict(defence_table.table_config("ci", "lc", "none").attack_params)
     assert ci and ci["fit_size"] == 512

@@ -53,6 +53,7 @@ ALL_DEFENSES = ("none", "eigenguard", "ft", "nad", "anp", "abl", "ss", "spectre"
 DETECTORS = ("ss", "spectre", "ac", "eigenguard-score")
 DETECTION_RATES = (0.01, 0.05, 0.1)
 DETECTION_METRICS = ("auroc", "tpr", "fpr")  # tpr: share of the poison removed; fpr: of the clean
+ANP_MAX_ACC_DROP = 0.1  # see `defense_params`
 DETECTION_FILE = "detection.json"  # the detectors' reports, next to the undefended run
 
 METRIC_COLUMNS: tuple[str, ...] = (
@@ -124,9 +125,14 @@ def attack_params(attack: str, profile: str) -> dict[str, Any]:
 
 def defense_params(defense: str) -> dict[str, Any]:
     """A defence's parameters in the table: EigenGuard's reference filter (the ablations'
-    `REFERENCE`, every parameter and the stage explicit), every other defence its defaults."""
+    `REFERENCE`, every parameter and the stage explicit); ANP prunes only as far as the
+    clean-reserve accuracy drops by at most 10 points (BackdoorBench keeps the pruned model
+    whose ACC fell by no more than 10 %; plain threshold pruning left cnn-small at 10-11 %
+    ACC, lite BadNets seeds 0 and 1); every other defence its defaults."""
     if defense == "eigenguard":
         return guard_params(**REFERENCE, at=model_stages(MODEL, DATASET)[1])
+    if defense == "anp":
+        return {"max_acc_drop": ANP_MAX_ACC_DROP}
     return {}
 
 

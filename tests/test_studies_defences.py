@@ -97,6 +97,16 @@ def test_badnets_configs_are_the_quickstarts() -> None:
     assert (guarded.epochs, guarded.train_size, guarded.seed) == (ci.epochs, ci.train_size, 0)
 
 
+def test_clean_label_attacks_poison_half_the_target_class() -> None:
+    assert defence_table.table_config("ci", "sig", "none").poison_rate == 0.05
+    assert defence_table.table_config("ci", "blend", "none").poison_rate == 0.1
+    rates = [c.poison_rate for c in defence_table.table_configs("ci", ("sig", "lf"), ("ss",), (0,))]
+    assert rates == [0.05, 0.1]
+    full = defence_table.GRIDS["full"]
+    for attack in full.detection_attacks:  # every detection run is possible
+        assert not defence_table.ATTACKS[attack].clean_label
+
+
 def test_anp_in_the_table_limits_its_accuracy_drop() -> None:
     assert dict(defence_table.table_config("ci", "badnets", "anp").defense_params) == {
         "max_acc_drop": 0.1

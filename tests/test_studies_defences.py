@@ -26,7 +26,7 @@ from eglib.experiments import (
     run_dir,
     run_experiment,
 )
-from eglib.io import write_json_atomic
+from eglib.io import read_json, write_json_atomic
 from eglib.models import make_model
 from eglib.poison import backdoor_testset, make_attack
 from eglib.studies import adaptive, defence_table, runs
@@ -264,6 +264,13 @@ def test_scoring_the_undefended_run_is_the_filtering_defences_detection(
     for key in ("auroc", "tpr", "fpr", "n_removed", "n_poison"):
         assert scored[key] == pytest.approx(own[key]), key
     assert defence_table.detector_reports(none, ["ss"])[0]["auroc"] == scored["auroc"]  # cached
+    path = run_dir(none) / defence_table.DETECTION_FILE
+    stale = read_json(path)
+    assert stale["detectors"]["ss"]["rate_guess"] == 0.1  # the parameters are the cache key
+    stale["detectors"]["ss"]["rate_guess"] = 0.5
+    stale["records"][0]["auroc"] = -1.0
+    write_json_atomic(path, stale)
+    assert defence_table.detector_reports(none, ["ss"])[0]["auroc"] == scored["auroc"]  # redone
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ detectors instead of four trainings and four retrainings.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from eglib.config import get_profile
+from eglib.defenses.base import make_defense
 from eglib.defenses.detection import detection_table, evaluate_detectors
 from eglib.experiments import ExperimentConfig, record_row, run_dir, run_experiment
 from eglib.io import read_json, write_json_atomic
@@ -196,16 +198,18 @@ def detector_reports(cfg: ExperimentConfig, detectors: Sequence[str]) -> list[di
     """Each detector's report (`evaluate_detectors`: AUROC, tpr, fpr, counts, its `info`) on
     the trained undefended model of `cfg` and its own poisoned training set, plus attack,
     poison_rate, seed and target. Trains `cfg` if the cache lacks it; the reports are cached
-    next to the run (`DETECTION_FILE`) and recomputed when the detectors differ."""
+    next to the run (`DETECTION_FILE`) and recomputed when the detectors or any of their
+    parameters (their current defaults) differ."""
     if cfg.defense != "none" or cfg.attack is None:
         raise ValueError(
             f"detectors score an undefended, poisoned run; got attack={cfg.attack!r}, "
             f"defense={cfg.defense!r} (need an attack and defense='none')"
         )
+    chosen = json.loads(json.dumps({name: make_defense(name).params() for name in detectors}))
     path = run_dir(cfg) / DETECTION_FILE
     if path.exists():
         cached = read_json(path)
-        if cached.get("detectors") == list(detectors):
+        if cached.get("detectors") == chosen:
             return list(cached["records"])
     result = run_experiment(cfg, progress=False)
     data = result.data
@@ -221,10 +225,10 @@ def detector_reports(cfg: ExperimentConfig, detectors: Sequence[str]) -> list[di
         data.train_images,
         data.train_labels,
         data.poisoned.poison_idx,
-        list(detectors),
+        chosen,
         extra=extra,
     )
-    write_json_atomic(path, {"detectors": list(detectors), "records": records})
+    write_json_atomic(path, {"detectors": chosen, "records": records})
     return records
 
 

@@ -77,12 +77,11 @@ def _describe(cfg: ExperimentConfig) -> str:
 def _stop_workers(pool: ProcessPoolExecutor) -> None:
     """Cancel the queued runs and end the running ones (else the pool's exit waits for every
     queued run, and an interrupted notebook leaves workers training in the background)."""
-    workers = list((getattr(pool, "_processes", None) or {}).values())  # no public accessor
-    pool.shutdown(wait=False, cancel_futures=True)
-    for worker in workers:
+    for worker in list((getattr(pool, "_processes", None) or {}).values()):  # no public accessor
         worker.terminate()
-    for worker in workers:
-        worker.join(timeout=10)
+    # the pool's manager thread sees the dead workers, fails the queued runs and reaps the
+    # workers; wait for it: a second thread reaping them could read a dead worker as alive
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_grid(

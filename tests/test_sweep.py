@@ -7,8 +7,10 @@ import csv
 import json
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures.process import _ExecutorManagerThread
 from pathlib import Path
 from typing import Any
 
@@ -205,4 +207,7 @@ def test_run_grid_stops_at_a_failed_run_and_names_it(
     with pytest.raises(RuntimeError, match=r"run 0 of the grid failed \(key .* seed=0\).*boom"):
         sweep.run_grid(configs, jobs=2, progress=False)
     assert time.perf_counter() - start < 20  # not 30 s of the running run, nor 60 of the queue
+    # the pool's manager thread is done too: while it lives it reaps the workers concurrently
+    # with us, and a worker reaped by one thread can read as alive to the other (CI saw it)
+    assert not [t for t in threading.enumerate() if isinstance(t, _ExecutorManagerThread)]
     assert multiprocessing.active_children() == []  # no worker left behind

@@ -108,7 +108,31 @@ def cmd_figures(args: argparse.Namespace) -> None:
     """Regenerate the figures and tables under figures/ (profile: --profile or EGLIB_PROFILE)."""
     from eglib.studies import make_figures
 
-    make_figures(profile=args.profile, out_dir=FIGURES, only=args.only)
+    options: dict[str, Any] = {
+        key: value
+        for key, value in (
+            ("attacks", args.attacks),
+            ("defenses", args.defenses),
+            ("seeds", args.seeds),
+        )
+        if value is not None
+    }
+    if args.no_detection:
+        options["detection"] = False
+    make_figures(profile=args.profile, out_dir=args.out, only=args.only, options=options)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of names."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    """A comma-separated list of integers."""
+    try:
+        return tuple(int(part) for part in _names(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers like 0,1,2") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     figures = sub.add_parser("figures", help=cmd_figures.__doc__)
     figures.add_argument("--profile")
     figures.add_argument("--only", action="append", help="a study name (repeatable)")
+    figures.add_argument("--out", type=Path, default=FIGURES, help="folder (default figures/)")
+    subset = figures.add_argument_group(
+        "a subset of the profile's grid (one --only study that takes it: defence_table)"
+    )
+    subset.add_argument("--attacks", type=_names, help="comma-separated, e.g. badnets,blend")
+    subset.add_argument("--defenses", type=_names, help="comma-separated, e.g. none,eigenguard")
+    subset.add_argument("--seeds", type=_ints, help="comma-separated, e.g. 0,1,2")
+    subset.add_argument(
+        "--no-detection", action="store_true", help="skip the detection runs at 1 and 5 %%"
+    )
     figures.set_defaults(func=cmd_figures)
     return parser
 

@@ -14,6 +14,7 @@ import torch
 from eglib import config as egconfig
 from eglib.data import dataset_info, load_dataset, take_subset
 from eglib.defenses import DefenseContext, make_defense
+from eglib.defenses.base import UndefendedRun
 from eglib.evaluate import accuracy, attack_success_rate, evaluate_protocols
 from eglib.io import (
     config_hash,
@@ -220,12 +221,29 @@ def seeded_model(name: str, num_classes: int, in_channels: int, seed: int) -> St
         return make_model(name, num_classes, in_channels)
 
 
+def cached_undefended(cfg: ExperimentConfig) -> UndefendedRun | None:
+    """The cached run of `cfg` without its defence (model state, history, key), or None when
+    the cache lacks it (or `cfg` has no attack or no defence)."""
+    if cfg.attack is None or cfg.defense == "none":
+        return None
+    base = cfg.replace(defense="none", defense_params={})
+    folder = run_dir(base)
+    if not ((folder / "record.json").exists() and (folder / "model.pt").exists()):
+        return None
+    return (
+        load_state(folder / "model.pt"),
+        list(read_json(folder / "record.json")["history"]),
+        base.key(),
+    )
+
+
 def _build_context(
     cfg: ExperimentConfig,
     data: ExperimentData,
     device: torch.device,
     progress: bool,
     checkpoint: Path | None,
+    reuse: bool = False,
 ) -> DefenseContext:
     info = dataset_info(cfg.dataset)
     settings = _settings(cfg)
@@ -277,6 +295,7 @@ def _build_context(
         seed=cfg.seed,
         device=device,
         progress=progress,
+        undefended=(lambda: cached_undefended(cfg)) if reuse else None,
     )
 
 
@@ -304,7 +323,14 @@ def run_experiment(
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> ExperimentResult:
-    """Run (or load from the cache) one experiment; the record is plain JSON data."""
+    """Run (or load from the cache) one experiment; the record is plain JSON data.
+
+    With the cache on, a defence that starts from a model trained on the poisoned data (FT,
+    NAD, ANP, the data filters) takes the cached undefended run of the same config when there
+    is one, as BackdoorBench's defences load the attack's model: every defence then repairs
+    the very model of the 'none' row, and a full-profile training is saved. The record's
+    `poisoned_model_from` names that run's key (None: trained here).
+    """
     dev = torch.device(device) if device is not None else egconfig.default_device()
     folder = run_dir(cfg)
     record_path, model_path = folder / "record.json", folder / "model.pt"
@@ -319,7 +345,12 @@ def run_experiment(
 
     folder.mkdir(parents=True, exist_ok=True)
     ctx = _build_context(
-        cfg, data, dev, progress, checkpoint=folder / "checkpoint.pt" if cache else None
+        cfg,
+        data,
+        dev,
+        progress,
+        checkpoint=folder / "checkpoint.pt" if cache else None,
+        reuse=cache,
     )
     start = time.perf_counter()
     outcome = defense.run(ctx)
@@ -334,6 +365,7 @@ def run_experiment(
         "metrics": metrics,
         "history": ctx.history,
         "defense": {"name": cfg.defense, "params": defense.params(), "info": outcome.info},
+        "poisoned_model_from": ctx.reused,  # the cached undefended run it started from, if any
         "poison": None
         if data.poisoned is None
         else {

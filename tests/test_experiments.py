@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import eglib.defenses.ft as ft_module
 import eglib.experiments as experiments
 from eglib.__main__ import main
 from eglib.config import PROFILES, Profile
@@ -117,3 +118,39 @@ def test_runs_do_not_depend_on_the_global_random_state(tiny_fashion, tmp_cache) 
     for name, tensor in first.model.state_dict().items():
         assert torch.equal(tensor, second.model.state_dict()[name]), name
     assert first.record["metrics"] == second.record["metrics"]
+
+
+def test_post_training_defence_repairs_the_cached_undefended_model(
+    tiny_fashion, tmp_cache, monkeypatch
+) -> None:
+    """FT after a cached 'none' run fine-tunes that very model (no second poisoned training);
+    without one it trains the poisoned model itself, the same way."""
+    base = ExperimentConfig(clean_reserve=0.1, **TINY)
+    ft = base.replace(defense="ft", defense_params={"epochs": 1})
+    alone = run_experiment(ft, cache=False, progress=False)  # no cache: trains, reuses nothing
+    assert alone.record["poisoned_model_from"] is None
+    undefended = run_experiment(base, progress=False)
+    assert undefended.record["poisoned_model_from"] is None
+
+    starts: list[dict[str, torch.Tensor]] = []
+    real_fine_tune = ft_module.fine_tune
+
+    def spy(ctx, model, settings, defense):  # the model FT is about to fine-tune
+        starts.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_fine_tune(ctx, model, settings, defense)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the poisoned model is cached; it must not be trained again")
+
+    monkeypatch.setattr(ft_module, "fine_tune", spy)
+    monkeypatch.setattr(experiments, "train_model", no_training)
+    record = run_experiment(ft, progress=False).record
+    assert record["poisoned_model_from"] == base.key()
+    for name, tensor in undefended.model.state_dict().items():
+        assert torch.equal(starts[0][name], tensor), name
+    poisoned_rows = [r for r in record["history"] if r.get("phase") == "poisoned"]
+    assert [r["loss"] for r in poisoned_rows] == [r["loss"] for r in undefended.record["history"]]
+    # the same training either way: FT without the cache started from an identical model
+    assert [r["loss"] for r in alone.record["history"] if r.get("phase") == "poisoned"] == [
+        r["loss"] for r in poisoned_rows
+    ]

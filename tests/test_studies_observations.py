@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,7 +23,7 @@ from eglib.experiments import ExperimentData
 from eglib.models import make_model
 from eglib.poison import backdoor_testset, make_attack
 from eglib.spectral import top_right_basis
-from eglib.studies import make_figures, rank_vs_asr, spectra
+from eglib.studies import StudyResult, make_figures, rank_vs_asr, spectra
 from eglib.studies.metrics import (
     energy_fraction,
     neighbour_agreement,
@@ -264,7 +265,9 @@ def test_make_figures_writes_png_csv_json(monkeypatch: pytest.MonkeyPatch, tmp_p
         rows = list(csv.DictReader(f))
     assert [r["stage"] for r in rows] == list(CNN_STAGES) and rows[0]["rows"] == "40"
     meta = json.loads((tmp_path / "spectra.json").read_text())
-    assert meta["command"] == "python -m eglib figures --profile ci --only spectra"
+    assert (
+        meta["command"] == f"python -m eglib figures --profile ci --only spectra --out {tmp_path}"
+    )
     assert meta["profile"] == "ci" and meta["seeds"] == [0]
     assert meta["notes"]["rows_per_group"] == 40
     with pytest.raises(KeyError, match="unknown study 'nope'"):
@@ -278,3 +281,66 @@ def test_every_profile_has_observation_settings() -> None:
 
     assert set(rank_vs_asr.ATTACKS) == set(PROFILES)
     assert set(spectra.SETTINGS) == set(PROFILES)
+
+
+def _fake_subset_study() -> SimpleNamespace:
+    """A study whose `run` takes a subset option, as the defence table does."""
+
+    def run(
+        profile: str | None = None,
+        *,
+        progress: bool = True,
+        jobs: int | None = None,
+        attacks: Sequence[str] | None = None,
+        detection: bool = True,
+    ) -> StudyResult:
+        rows = [{"attack": a, "detection": detection} for a in attacks or ("badnets",)]
+        return StudyResult(name="subset", profile=str(profile), rows=rows, seeds=(0,))
+
+    return SimpleNamespace(run=run, figures=lambda result: {})
+
+
+def test_make_figures_passes_subset_options_and_records_the_command(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(studies.STUDIES, "subset", _fake_subset_study())
+    options = {"attacks": ("badnets", "blend"), "detection": False}
+    make_figures("ci", tmp_path, only=["subset"], progress=False, options=options)
+    with open(tmp_path / "subset.csv") as f:
+        assert [r["attack"] for r in csv.DictReader(f)] == ["badnets", "blend"]
+    meta = json.loads((tmp_path / "subset.json").read_text())
+    assert meta["command"] == (
+        f"python -m eglib figures --profile ci --only subset --out {tmp_path} "
+        "--attacks badnets,blend --no-detection"
+    )
+    with pytest.raises(ValueError, match=r"options \['seeds'\] need exactly one study"):
+        make_figures("ci", tmp_path, only=["subset"], options={"seeds": (0,)})
+    with pytest.raises(ValueError, match="need exactly one study"):
+        make_figures("ci", tmp_path, only=["subset", "spectra"], options={"attacks": ("a",)})
+
+
+def test_cli_figures_parses_the_subset(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(studies, "make_figures", lambda **kwargs: seen.update(kwargs))
+    from eglib.__main__ import main
+
+    main(
+        [
+            "figures",
+            "--profile",
+            "ci",
+            "--only",
+            "defence_table",
+            "--out",
+            str(tmp_path),
+            "--attacks",
+            "badnets, blend",
+            "--seeds",
+            "0,1",
+            "--no-detection",
+        ]
+    )
+    assert seen["out_dir"] == tmp_path and seen["only"] == ["defence_table"]
+    assert seen["options"] == {"attacks": ("badnets", "blend"), "seeds": (0, 1), "detection": False}
+    with pytest.raises(SystemExit):
+        main(["figures", "--seeds", "0,x"])

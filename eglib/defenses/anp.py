@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from eglib.data import iterate_batches, to_float
 from eglib.defenses.base import Defense, DefenseContext, DefenseOutcome, register_defense
-from eglib.defenses.loops import clean_reserve, train_phase
+from eglib.defenses.loops import clean_reserve, poisoned_model
 from eglib.defenses.params import check_float, check_int
 from eglib.evaluate import accuracy
 from eglib.models.base import StagedNet
@@ -291,8 +291,7 @@ class AdversarialNeuronPruning(Defense):
     def run(self, ctx: DefenseContext) -> DefenseOutcome:
         """Train, learn masks on the clean reserve, prune the channels with small masks."""
         images, labels = clean_reserve(ctx, self.name)
-        model = self.build_model(ctx)
-        train_phase(ctx, model, "poisoned")
+        model = poisoned_model(self, ctx)
         perturbation = self.learn_masks(model, images, labels, ctx.device, ctx.progress)
         neurons, before = self.choose_neurons(model, perturbation, images, labels, ctx.device)
         pruned = prune_channels(perturbation, neurons)

@@ -25,7 +25,11 @@ class DefenseContext:
     (held out of the training split before poisoning) for defences that need clean data
     (FT, NAD, ANP); defences that do not declare `needs_clean_data` never see it.
     `train(model, images, labels, callbacks=())` trains with the run's settings and seed
-    and returns the per-epoch history.
+    and returns the per-epoch history. `undefended()`, when set, returns the run's cached
+    undefended model (state dict, history and run key: the same seed, data and settings) or
+    None; the defences that repair or score a model trained on the poisoned data start from
+    it instead of training it again (`eglib.defenses.loops.poisoned_model`), and record its
+    key in `reused`.
     """
 
     images: torch.Tensor
@@ -40,6 +44,12 @@ class DefenseContext:
     device: torch.device
     progress: bool = True
     history: list[dict[str, Any]] = field(default_factory=list)
+    undefended: Callable[[], UndefendedRun | None] | None = None
+    reused: str | None = None
+
+
+UndefendedRun = tuple[dict[str, torch.Tensor], list[dict[str, Any]], str]
+"""A cached undefended run: its model's state dict, its training history and its run key."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 
 from eglib.defenses.base import Defense, DefenseContext, DefenseOutcome
 from eglib.defenses.detection import Detection, detection_report
-from eglib.defenses.loops import train_phase
+from eglib.defenses.loops import poisoned_model, train_phase
 from eglib.defenses.params import check_choice, check_float, check_int, check_layer
 from eglib.models.base import StagedNet
 from eglib.spectral import capture_features, top_tail_projections
@@ -135,8 +135,7 @@ class FilteringDefense(Defense):
 
     def run(self, ctx: DefenseContext) -> DefenseOutcome:
         """Train on everything, detect on the trained model's features, retrain on the rest."""
-        model = self.build_model(ctx)
-        train_phase(ctx, model, "poisoned")
+        model = poisoned_model(self, ctx)
         # the scoring runs where the features are: the run's device (SVDs are fast there)
         features = self.features(model, ctx.images, device=ctx.device).to(ctx.device)
         found = self.detect(features, ctx.labels)

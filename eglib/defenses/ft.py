@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from eglib.defenses.base import Defense, DefenseContext, DefenseOutcome, register_defense
-from eglib.defenses.loops import clean_reserve, train_phase
+from eglib.defenses.loops import clean_reserve, poisoned_model
 from eglib.defenses.params import check_bool, check_float, check_int
 from eglib.models.base import StagedNet
 from eglib.train import TrainSettings, train_model
@@ -59,7 +59,6 @@ class FineTuning(Defense):
     def run(self, ctx: DefenseContext) -> DefenseOutcome:
         """Train on everything, then fine-tune on the clean reserve."""
         _, clean_labels = clean_reserve(ctx, self.name)  # fail before the long training
-        model = self.build_model(ctx)
-        train_phase(ctx, model, "poisoned")
+        model = poisoned_model(self, ctx)
         losses = fine_tune(ctx, model, self.settings(), self.name)
         return DefenseOutcome(model, {"n_clean": len(clean_labels), "finetune_loss": losses})

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from eglib.data import augment, iterate_batches, to_float
-from eglib.defenses.base import DefenseContext, train_on
+from eglib.defenses.base import Defense, DefenseContext, train_on
 from eglib.models.base import StagedNet
 from eglib.train import default_pad, min_train_batch
 
@@ -134,6 +134,21 @@ def train_phase(
     for row in history:
         row.setdefault("phase", phase)
     return history
+
+
+def poisoned_model(defense: Defense, ctx: DefenseContext) -> StagedNet:
+    """The defence's model trained on the poisoned data: the context's cached undefended run
+    when it offers one (the same training; its key goes to `ctx.reused`), else trained here."""
+    model = defense.build_model(ctx)
+    cached = ctx.undefended() if ctx.undefended is not None else None
+    if cached is None:
+        train_phase(ctx, model, "poisoned")
+        return model
+    state, history, key = cached
+    model.load_state_dict(state)
+    ctx.history.extend({**row, "phase": "poisoned"} for row in history)
+    ctx.reused = key
+    return model.to(ctx.device)
 
 
 def clean_reserve(ctx: DefenseContext, defense: str) -> tuple[torch.Tensor, torch.Tensor]:

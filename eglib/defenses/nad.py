@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from eglib.defenses.base import Defense, DefenseContext, DefenseOutcome, register_defense
 from eglib.defenses.ft import fine_tune
-from eglib.defenses.loops import clean_reserve, train_phase, tune
+from eglib.defenses.loops import clean_reserve, poisoned_model, tune
 from eglib.defenses.params import check_bool, check_float, check_int
 from eglib.models.base import StagedNet
 from eglib.train import TrainSettings
@@ -122,9 +122,8 @@ class NeuralAttentionDistillation(Defense):
     def run(self, ctx: DefenseContext) -> DefenseOutcome:
         """Train, fine-tune a teacher copy, distil its attention into the backdoored model."""
         images, labels = clean_reserve(ctx, self.name)
-        model = self.build_model(ctx)
-        layers = self.resolve_layers(model)
-        train_phase(ctx, model, "poisoned")
+        layers = self.resolve_layers(self.build_model(ctx))  # fail before the long training
+        model = poisoned_model(self, ctx)
         teacher = copy.deepcopy(model)
         settings = TrainSettings(
             epochs=self.teacher_epochs, batch_size=self.batch_size, lr=self.lr, hflip=self.hflip

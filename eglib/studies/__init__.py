@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+import inspect
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from eglib.config import get_profile
 from eglib.io import write_json_atomic
@@ -38,15 +40,38 @@ STUDIES: dict[str, Study] = {
 __all__ = ["STUDIES", "Study", "StudyResult", "figure_path", "make_figures", "write_study"]
 
 
+def _run_options(name: str) -> set[str]:
+    """The keyword options a study's `run` takes beyond the profile and `progress`."""
+    params = inspect.signature(STUDIES[name].run).parameters
+    return {p for p, v in params.items() if v.kind is v.KEYWORD_ONLY} - {"progress", "jobs"}
+
+
 def figure_path(out_dir: str | Path, name: str, suffix: str) -> Path:
     """Where a study's figure goes: `<out>/<name>.png`, or `<out>/<name>_<suffix>.png`."""
     return Path(out_dir) / (f"{name}_{suffix}.png" if suffix else f"{name}.png")
 
 
+def figures_command(
+    profile: str, name: str, out_dir: str | Path, options: Mapping[str, Any] | None = None
+) -> str:
+    """The `python -m eglib figures` command line that regenerates one study's files."""
+    parts = ["python", "-m", "eglib", "figures", "--profile", profile, "--only", name]
+    if Path(out_dir) != Path("figures"):
+        parts += ["--out", str(out_dir)]
+    for key, value in (options or {}).items():
+        flag = key.replace("_", "-")
+        if value is False:
+            parts.append(f"--no-{flag}")
+        elif value is not True:
+            parts += [f"--{flag}", ",".join(str(v) for v in value)]
+    return shlex.join(parts)
+
+
 def write_study(
-    study: Study, result: StudyResult, out_dir: str | Path, seconds: float
+    study: Study, result: StudyResult, out_dir: str | Path, seconds: float, command: str = ""
 ) -> list[Path]:
-    """Save a finished study's figures (PNG), rows (CSV) and provenance (JSON); return the paths."""
+    """Save a finished study's figures (PNG), rows (CSV) and provenance (JSON); return the paths.
+    `command`: the line that regenerates them (default: the profile's plain `figures` call)."""
     out = Path(out_dir)
     name = result.name
     written = [
@@ -60,7 +85,7 @@ def write_study(
     for suffix, rows in (extra_tables(result) if extra_tables else {}).items():
         tables.append(out / f"{name}_{suffix}.csv")
         write_csv(rows, tables[-1])
-    command = f"python -m eglib figures --profile {shlex.quote(result.profile)} --only {name}"
+    command = command or figures_command(result.profile, name, "figures")
     write_json_atomic(
         json_path,
         {
@@ -85,18 +110,33 @@ def make_figures(
     only: Sequence[str] | None = None,
     *,
     progress: bool = True,
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, list[Path]]:
-    """Run each chosen study (all when `only` is None) and write its PNG, CSV and JSON files."""
+    """Run each chosen study (all when `only` is None) and write its PNG, CSV and JSON files.
+
+    `options` (e.g. the defence table's `attacks`, `defenses`, `seeds`, `detection`) go to
+    the `run` of the one study named in `only`; its JSON records the command with them.
+    """
     names = list(STUDIES) if not only else list(dict.fromkeys(only))
     unknown = [n for n in names if n not in STUDIES]
     if unknown:
         raise KeyError(f"unknown study {unknown[0]!r}; allowed: {sorted(STUDIES)}")
+    options = dict(options or {})
+    if options:
+        accepted = _run_options(names[0]) if len(names) == 1 else set()
+        if len(names) != 1 or not set(options) <= accepted:
+            raise ValueError(
+                f"options {sorted(options)} need exactly one study that takes them "
+                f"(got {names}; {names[0]!r} takes {sorted(accepted)})"
+            )
     prof = get_profile(profile).name
     written: dict[str, list[Path]] = {}
     for name in names:
         start = time.perf_counter()
-        result = STUDIES[name].run(prof, progress=progress)
-        written[name] = write_study(STUDIES[name], result, out_dir, time.perf_counter() - start)
+        result = STUDIES[name].run(prof, progress=progress, **options)
+        command = figures_command(prof, name, out_dir, options)
+        seconds = time.perf_counter() - start
+        written[name] = write_study(STUDIES[name], result, out_dir, seconds, command)
         if progress:
             print(f"{name}: wrote {', '.join(str(p) for p in written[name])}")
     return written

@@ -6,10 +6,14 @@ import csv
 import itertools
 import json
 import os
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import signal
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import yaml
@@ -84,6 +88,24 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=True, cancel_futures=True)
 
 
+@contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit while the block runs (main thread only), so a terminated
+    sweep stops its workers as an interrupt does instead of leaving them training."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_grid(
     configs: Iterable[ExperimentConfig], *, jobs: int = 1, progress: bool = True
 ) -> list[dict[str, Any]]:
@@ -95,9 +117,13 @@ def run_grid(
     cached = sum((run_dir(c) / "record.json").exists() for c in configs)
     rows: list[dict[str, Any] | None] = [None] * len(configs)
     bar = tqdm(total=len(configs), desc=f"sweep ({cached} cached)", disable=not progress)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(_run_one, cfg, threads): i for i, cfg in enumerate(configs)}
+    with (
+        _sigterm_as_exit(),
+        ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool,
+    ):
+        futures: dict[Future[dict[str, Any]], int] = {}
         try:
+            futures.update({pool.submit(_run_one, c, threads): i for i, c in enumerate(configs)})
             for future in as_completed(futures):
                 i = futures[future]
                 try:

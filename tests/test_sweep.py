@@ -7,6 +7,9 @@ import csv
 import json
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -211,3 +214,68 @@ def test_run_grid_stops_at_a_failed_run_and_names_it(
     # with us, and a worker reaped by one thread can read as alive to the other (CI saw it)
     assert not [t for t in threading.enumerate() if isinstance(t, _ExecutorManagerThread)]
     assert multiprocessing.active_children() == []  # no worker left behind
+
+
+_SWEEP_SCRIPT = """
+import time
+from eglib import sweep
+
+
+def slow_run(cfg, threads):
+    time.sleep(120)
+    return {"seed": cfg.seed}
+
+
+if __name__ == "__main__":
+    sweep._run_one = slow_run
+    sweep.run_grid(sweep.expand_grid({"attack": "badnets"}, {"seed": [0, 1]}, "ci"), jobs=2,
+                   progress=False)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie waiting for a reaper does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def _python_children(pid: int) -> list[int]:
+    """The worker processes of `pid` (its children, without multiprocessing's resource
+    tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [
+        int(c)
+        for c in children
+        if _alive(int(c)) and b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()
+    ]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_sigterm_to_a_sweep_stops_its_workers(tmp_path: Path) -> None:
+    """SIGTERM (a batch system's or `kill`'s stop) ends the workers too; before, the sweep died
+    at once and left them training (here: sleeping 120 s)."""
+    script = tmp_path / "sweep_script.py"
+    script.write_text(_SWEEP_SCRIPT)
+    env = {**os.environ, "EGLIB_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers := _python_children(proc.pid)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "no workers started"
+            time.sleep(0.2)
+        time.sleep(1.0)  # the workers have picked up their runs
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) != 0
+        deadline = time.monotonic() + 15
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [w for w in workers if _alive(w)]
+    finally:  # leave nothing behind, whatever failed
+        proc.kill()
+        for worker in workers:
+            if _alive(worker):
+                os.kill(worker, signal.SIGKILL)

@@ -54,7 +54,7 @@ lab: setup data
 	$(BIN)/jupyter lab --ServerApp.root_dir=notebooks $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 figures: setup data
-	EGLIB_PROFILE=full $(BIN)/python -m eglib figures
+	EGLIB_PROFILE=full $(BIN)/python -m eglib figures --out figures/full
 
 bench: setup data
 	$(BIN)/python bench/train_throughput.py

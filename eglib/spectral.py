@@ -20,6 +20,11 @@ from eglib.models.base import StagedNet
 
 # singular values below RANK_TOL * s_max are round-off (of float32 features, or of the Gram route)
 RANK_TOL = 1e-6
+# a top-k basis of a matrix whose both sides exceed this comes from a randomized SVD: the exact
+# route's eigh of a 6272 x 6272 Gram (one label of full Fashion-MNIST at layer1) takes minutes
+EXACT_MAX_SIDE = 2048
+OVERSAMPLE = 10  # extra random directions of the randomized SVD (Halko et al., 2011)
+POWER_ITERATIONS = 6  # subspace iterations: error ~ (s_{k+p+1} / s_k)^(2 * 6 + 1)
 
 
 def flatten_rows(A: torch.Tensor) -> torch.Tensor:
@@ -106,14 +111,28 @@ def top_right_basis(A: torch.Tensor, k: int, *, center: bool = False) -> torch.T
 
     `center=True` subtracts the column mean first (principal axes). Directions with a
     singular value below RANK_TOL * s_max (round-off; rank < k) come out as zero columns.
+    When both sides exceed EXACT_MAX_SIDE and k is small beside them, V_k comes from a seeded
+    randomized SVD (`torch.svd_lowrank` with power iterations) instead of a full eigh.
     """
     M = _rows64(A, k, center)
+    if min(M.shape) > EXACT_MAX_SIDE and k + OVERSAMPLE <= min(M.shape) // 4:
+        return _randomized_top_basis(M, k)
     if M.shape[1] < M.shape[0]:
         s, V = gram_eigh(M.T)
         return V[:, :k] * (s[:k] > RANK_TOL * s[0])
     s, U = gram_eigh(M)
     keep = s[:k] > RANK_TOL * s[0]
     return (M.T @ U[:, :k]) / torch.where(keep, s[:k], torch.ones_like(s[:k])) * keep
+
+
+def _randomized_top_basis(M: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k right singular vectors (D, k) of M by a randomized SVD; seeded, and the global
+    random state (of M's device) is left as it was."""
+    devices = [M.device] if M.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        _, s, V = torch.svd_lowrank(M, q=k + OVERSAMPLE, niter=POWER_ITERATIONS)
+    return V[:, :k] * (s[:k] > RANK_TOL * s[0])
 
 
 def top_tail_projections(

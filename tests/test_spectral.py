@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from eglib import spectral
 from eglib.guard import insert_guard
 from eglib.models.base import StagedNet, StageInfo
 from eglib.spectral import (
@@ -220,3 +221,30 @@ def test_rank_tracker_adds_ranks_at_equal_counts() -> None:
     assert row["erank_clean/relu"] == pytest.approx(effective_rank(feats), rel=1e-6)
     with pytest.raises(ValueError, match="pair up"):
         RankTracker(clean, triggered[:10], ["linear"])
+
+
+def test_top_right_basis_of_a_large_matrix_is_randomized_exact_and_seeded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Above EXACT_MAX_SIDE on both sides the top-k basis comes from a seeded randomized SVD
+    (a full eigh of a 6272-wide Gram took minutes per label at full scale): it spans the
+    exact top-k subspace, repeats exactly, and leaves the global random state alone."""
+    monkeypatch.setattr(spectral, "EXACT_MAX_SIDE", 100)  # a small matrix takes the same path
+    gen = torch.Generator().manual_seed(0)
+    n, d, k = 600, 400, 3
+    planted = torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=torch.float64))[0]
+    weights = torch.randn(n, k, generator=gen, dtype=torch.float64) * torch.tensor([9.0, 6.0, 4.0])
+    A = weights @ planted.T + torch.randn(n, d, generator=gen, dtype=torch.float64) * 0.1
+    calls: list[int] = []
+    real = torch.svd_lowrank
+    monkeypatch.setattr(torch, "svd_lowrank", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    state = torch.get_rng_state()
+    V = top_right_basis(A, k)
+    assert calls and torch.equal(torch.get_rng_state(), state)
+    exact = torch.linalg.svd(A, full_matrices=False).Vh[:k].T
+    assert torch.linalg.svdvals(exact.T @ V).min() > 1 - 1e-9  # the same subspace
+    assert torch.equal(top_right_basis(A, k), V)  # seeded
+    monkeypatch.setattr(spectral, "EXACT_MAX_SIDE", 10_000)
+    calls.clear()
+    top_right_basis(A, k)
+    assert not calls  # below the threshold: the exact route

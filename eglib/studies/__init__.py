@@ -37,6 +37,8 @@ STUDIES: dict[str, Study] = {
     "adaptive": adaptive,  # high-rank and adversarial-noise attacks: trigger rank vs ASR/ACC
 }
 
+FIGURES_DIR = Path("figures")  # where the committed figures live (the commands' default --out)
+
 __all__ = ["STUDIES", "Study", "StudyResult", "figure_path", "make_figures", "write_study"]
 
 
@@ -56,7 +58,7 @@ def figures_command(
 ) -> str:
     """The `python -m eglib figures` command line that regenerates one study's files."""
     parts = ["python", "-m", "eglib", "figures", "--profile", profile, "--only", name]
-    if Path(out_dir) != Path("figures"):
+    if Path(out_dir) != FIGURES_DIR:
         parts += ["--out", str(out_dir)]
     for key, value in (options or {}).items():
         flag = key.replace("_", "-")
@@ -68,10 +70,10 @@ def figures_command(
 
 
 def write_study(
-    study: Study, result: StudyResult, out_dir: str | Path, seconds: float, command: str = ""
+    study: Study, result: StudyResult, out_dir: str | Path, seconds: float, command: str
 ) -> list[Path]:
-    """Save a finished study's figures (PNG), rows (CSV) and provenance (JSON); return the paths.
-    `command`: the line that regenerates them (default: the profile's plain `figures` call)."""
+    """Save a finished study's figures (PNG), rows (CSV) and provenance (JSON, with `command`,
+    the line that regenerates them); return the paths."""
     out = Path(out_dir)
     name = result.name
     written = [
@@ -85,7 +87,6 @@ def write_study(
     for suffix, rows in (extra_tables(result) if extra_tables else {}).items():
         tables.append(out / f"{name}_{suffix}.csv")
         write_csv(rows, tables[-1])
-    command = command or figures_command(result.profile, name, "figures")
     write_json_atomic(
         json_path,
         {
@@ -106,7 +107,7 @@ def write_study(
 
 def make_figures(
     profile: str | None = None,
-    out_dir: str | Path = "figures",
+    out_dir: str | Path = FIGURES_DIR,
     only: Sequence[str] | None = None,
     *,
     progress: bool = True,

@@ -13,7 +13,7 @@ import torch
 
 from eglib import config as egconfig
 from eglib.data import dataset_info, load_dataset, take_subset
-from eglib.defenses import DefenseContext, make_defense
+from eglib.defenses import DEFENSES, DefenseContext, make_defense
 from eglib.defenses.base import UndefendedRun
 from eglib.evaluate import accuracy, attack_success_rate, evaluate_protocols
 from eglib.io import (
@@ -221,12 +221,20 @@ def seeded_model(name: str, num_classes: int, in_channels: int, seed: int) -> St
         return make_model(name, num_classes, in_channels)
 
 
-def cached_undefended(cfg: ExperimentConfig) -> UndefendedRun | None:
-    """The cached run of `cfg` without its defence (model state, history, key), or None when
-    the cache lacks it (or `cfg` has no attack or no defence)."""
-    if cfg.attack is None or cfg.defense == "none":
+def undefended_config(cfg: ExperimentConfig) -> ExperimentConfig | None:
+    """The run whose model `cfg`'s defence starts from (`cfg` without its defence), or None
+    when the defence trains its own (not `starts_from_poisoned_model`) or there is no attack."""
+    if cfg.attack is None or not DEFENSES[cfg.defense].starts_from_poisoned_model:
         return None
-    base = cfg.replace(defense="none", defense_params={})
+    return cfg.replace(defense="none", defense_params={})
+
+
+def cached_undefended(cfg: ExperimentConfig) -> UndefendedRun | None:
+    """The cached `undefended_config` run of `cfg` (model state, history, key), or None when
+    there is none or the cache lacks it."""
+    base = undefended_config(cfg)
+    if base is None:
+        return None
     folder = run_dir(base)
     if not ((folder / "record.json").exists() and (folder / "model.pt").exists()):
         return None

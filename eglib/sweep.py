@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
@@ -19,7 +19,13 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from eglib.experiments import ExperimentConfig, record_row, run_dir, run_experiment
+from eglib.experiments import (
+    ExperimentConfig,
+    record_row,
+    run_dir,
+    run_experiment,
+    undefended_config,
+)
 from eglib.io import write_text_atomic
 
 
@@ -106,10 +112,21 @@ def _sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def run_waves(configs: Sequence[ExperimentConfig]) -> list[list[int]]:
+    """Indices of `configs` in the order a pool may run them: a run whose defence starts from
+    the undefended run of the same config (`undefended_config`) waits for it when that run is
+    in the grid and not yet cached (else, run beside it, it would train its own copy)."""
+    pending = {c for c in configs if not (run_dir(c) / "record.json").exists()}
+    waits = [undefended_config(c) in pending for c in configs]
+    waves = [[i for i, wait in enumerate(waits) if wait is later] for later in (False, True)]
+    return [wave for wave in waves if wave]
+
+
 def run_grid(
     configs: Iterable[ExperimentConfig], *, jobs: int = 1, progress: bool = True
 ) -> list[dict[str, Any]]:
-    """Run every config (cached ones are loaded, not rerun) in `jobs` processes; rows in order."""
+    """Run every config (cached ones are loaded, not rerun) in `jobs` processes, in
+    `run_waves` order; rows in config order."""
     configs = list(configs)
     if jobs < 1:
         raise ValueError(f"jobs={jobs}; must be >= 1")
@@ -121,19 +138,19 @@ def run_grid(
         _sigterm_as_exit(),
         ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool,
     ):
-        futures: dict[Future[dict[str, Any]], int] = {}
         try:
-            futures.update({pool.submit(_run_one, c, threads): i for i, c in enumerate(configs)})
-            for future in as_completed(futures):
-                i = futures[future]
-                try:
-                    rows[i] = future.result()
-                except Exception as error:
-                    raise RuntimeError(
-                        f"run {i} of the grid failed ({_describe(configs[i])}): {error!r}; "
-                        "the runs that finished are cached, the others were stopped"
-                    ) from error
-                bar.update()
+            for wave in run_waves(configs):
+                futures = {pool.submit(_run_one, configs[i], threads): i for i in wave}
+                for future in as_completed(futures):
+                    i = futures[future]
+                    try:
+                        rows[i] = future.result()
+                    except Exception as error:
+                        raise RuntimeError(
+                            f"run {i} of the grid failed ({_describe(configs[i])}): {error!r}; "
+                            "the runs that finished are cached, the others were stopped"
+                        ) from error
+                    bar.update()
         except BaseException:  # a failed run or an interrupt: stop, do not drain the queue
             _stop_workers(pool)
             raise

@@ -269,8 +269,12 @@ def test_every_defence_runs_end_to_end(name: str) -> None:
     if name == "eigenguard":
         pytest.importorskip("eglib.guard")
     ctx = tiny_context()
+    asked: list[bool] = []
+    ctx.undefended = lambda: asked.append(True)  # no cached run: the defence trains its own
     defense = make_defense(name, **SMOKE_PARAMS.get(name, {}))
     outcome = defense.run(ctx)
+    # a sweep orders runs by this flag: it must say whether the defence asks for the model
+    assert bool(asked) is type(defense).starts_from_poisoned_model
     model = outcome.model
     assert isinstance(model, StagedNet)
     logits = model.eval()(torch.rand(2, 1, 12, 12))

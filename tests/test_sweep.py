@@ -31,6 +31,18 @@ def _fake_run_one(cfg: ExperimentConfig, threads: int) -> dict[str, Any]:
     return {"seed": cfg.seed, "defense": cfg.defense, "threads": threads, "pid": os.getpid()}
 
 
+def _undefended_first_run_one(cfg: ExperimentConfig, threads: int) -> dict[str, Any]:
+    """Stand-in for `sweep._run_one`: 'none' takes 0.5 s and caches its record; any other
+    run reports whether the cache held its undefended run when it started."""
+    if cfg.defense == "none":
+        time.sleep(0.5)
+        run_dir(cfg).mkdir(parents=True)
+        (run_dir(cfg) / "record.json").write_text("{}")
+        return {"defense": "none"}
+    base = cfg.replace(defense="none", defense_params={})
+    return {"defense": cfg.defense, "found": (run_dir(base) / "record.json").exists()}
+
+
 def _failing_run_one(cfg: ExperimentConfig, threads: int) -> dict[str, Any]:
     """Stand-in for `sweep._run_one`: seed 0 fails at once, every other run takes 30 s."""
     if cfg.seed == 0:
@@ -191,6 +203,26 @@ def test_run_grid_two_processes_rows_in_config_order(
     assert os.getpid() not in pids and 1 <= len(pids) <= 2  # in worker processes
     assert {r["threads"] for r in rows} == {max(1, (os.cpu_count() or 1) // 2)}
     assert "2 cached" in capsys.readouterr().err  # the progress bar counts cached runs
+
+
+def test_runs_that_repair_the_undefended_model_wait_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FT listed first and 2 free workers: it still starts only once the 'none' run of its
+    config is cached, so it repairs that model instead of training a copy beside it."""
+    monkeypatch.setenv("EGLIB_CACHE", str(tmp_path))
+    monkeypatch.setattr(sweep, "_run_one", _undefended_first_run_one)
+    configs = sweep.expand_grid(
+        {"attack": "badnets"}, {"defense": ["ft", "eigenguard", "none"]}, "ci"
+    )
+    assert sweep.run_waves(configs) == [[1, 2], [0]]  # EigenGuard trains its own model
+    rows = sweep.run_grid(configs, jobs=2, progress=False)
+    assert rows == [
+        {"defense": "ft", "found": True},
+        {"defense": "eigenguard", "found": False},
+        {"defense": "none"},
+    ]
+    assert sweep.run_waves(configs) == [[0, 1, 2]]  # all cached: nothing waits
 
 
 def test_run_grid_rejects_zero_jobs() -> None:

@@ -132,6 +132,7 @@ class AdversarialNeuronPruning(Defense):
     name = "anp"
     stage = "post"
     needs_clean_data = True
+    starts_from_poisoned_model = True
 
     def __init__(
         self,

@@ -66,12 +66,16 @@ class Defense(ABC):
     Subclasses set `name`, `stage` ('architecture': changes the model, e.g. EigenGuard;
     'data': filters suspected samples and retrains; 'training': a different training
     procedure, e.g. ABL; 'post': repairs a model trained on the poisoned data, e.g. FT, NAD,
-    ANP) and `needs_clean_data`. Parameters are validated in `__init__`.
+    ANP) and `needs_clean_data`. `starts_from_poisoned_model`: the defence begins with a
+    model trained on the poisoned data (`eglib.defenses.loops.poisoned_model`), so it can
+    take the cached undefended run of the same config, and a sweep runs it after that run.
+    Parameters are validated in `__init__`.
     """
 
     name: ClassVar[str]
     stage: ClassVar[DefenseStage]
     needs_clean_data: ClassVar[bool] = False
+    starts_from_poisoned_model: ClassVar[bool] = False
 
     def build_model(self, ctx: DefenseContext) -> StagedNet:
         """A fresh model with this defence's architecture (the factory's, unless overridden)."""

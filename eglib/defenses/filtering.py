@@ -97,6 +97,7 @@ class FilteringDefense(Defense):
     """
 
     stage = "data"
+    starts_from_poisoned_model = True
     default_layer: ClassVar[Literal["last", "guard"]] = "last"
 
     def __init__(self, *, layer: str | None, pool: str, batch_size: int = 256) -> None:

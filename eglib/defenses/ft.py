@@ -41,6 +41,7 @@ class FineTuning(Defense):
     name = "ft"
     stage = "post"
     needs_clean_data = True
+    starts_from_poisoned_model = True
 
     def __init__(
         self, epochs: int = 20, lr: float = 0.01, batch_size: int = 64, hflip: bool = False

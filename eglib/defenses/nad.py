@@ -75,6 +75,7 @@ class NeuralAttentionDistillation(Defense):
     name = "nad"
     stage = "post"
     needs_clean_data = True
+    starts_from_poisoned_model = True
 
     def __init__(
         self,

@@ -27,6 +27,7 @@ from eglib.io import (
 from eglib.models import make_model
 from eglib.models.base import StagedNet
 from eglib.poison import PoisonedSet, TriggeredSet, backdoor_testset, make_attack, poison_dataset
+from eglib.registry import lookup
 from eglib.train import TrainSettings, train_model
 
 RECORD_VERSION = 1
@@ -224,7 +225,10 @@ def seeded_model(name: str, num_classes: int, in_channels: int, seed: int) -> St
 def undefended_config(cfg: ExperimentConfig) -> ExperimentConfig | None:
     """The run whose model `cfg`'s defence starts from (`cfg` without its defence), or None
     when the defence trains its own (not `starts_from_poisoned_model`) or there is no attack."""
-    if cfg.attack is None or not DEFENSES[cfg.defense].starts_from_poisoned_model:
+    if (
+        cfg.attack is None
+        or not lookup(DEFENSES, "defence", cfg.defense).starts_from_poisoned_model
+    ):
         return None
     return cfg.replace(defense="none", defense_params={})
 

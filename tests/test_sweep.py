@@ -225,6 +225,13 @@ def test_runs_that_repair_the_undefended_model_wait_for_it(
     assert sweep.run_waves(configs) == [[0, 1, 2]]  # all cached: nothing waits
 
 
+def test_run_grid_names_an_unknown_defence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EGLIB_CACHE", str(tmp_path))
+    configs = sweep.expand_grid({"attack": "badnets"}, {"defense": ["none", "bogus"]}, "ci")
+    with pytest.raises(ValueError, match="unknown defence 'bogus'; allowed: .*'ft'"):
+        sweep.run_grid(configs, jobs=1, progress=False)
+
+
 def test_run_grid_rejects_zero_jobs() -> None:
     with pytest.raises(ValueError, match="jobs=0; must be >= 1"):
         sweep.run_grid([], jobs=0)

@@ -31,6 +31,7 @@ from eglib.registry import lookup
 from eglib.train import TrainSettings, train_model
 
 RECORD_VERSION = 1
+RECORD_FILE, MODEL_FILE = "record.json", "model.pt"  # a run folder's record and weights
 
 Params = tuple[tuple[str, Any], ...]
 
@@ -155,6 +156,11 @@ def run_dir(cfg: ExperimentConfig) -> Path:
     return egconfig.cache_dir() / "runs" / cfg.key()
 
 
+def is_cached(cfg: ExperimentConfig) -> bool:
+    """Whether the cache holds the finished run of `cfg` (its record, written after the model)."""
+    return (run_dir(cfg) / RECORD_FILE).exists()
+
+
 def prepare_data(cfg: ExperimentConfig) -> ExperimentData:
     """Load, subsample, hold out the clean reserve, poison the rest, trigger the test set."""
     info = dataset_info(cfg.dataset)
@@ -240,11 +246,11 @@ def cached_undefended(cfg: ExperimentConfig) -> UndefendedRun | None:
     if base is None:
         return None
     folder = run_dir(base)
-    if not ((folder / "record.json").exists() and (folder / "model.pt").exists()):
+    if not ((folder / RECORD_FILE).exists() and (folder / MODEL_FILE).exists()):
         return None
     return (
-        load_state(folder / "model.pt"),
-        list(read_json(folder / "record.json")["history"]),
+        load_state(folder / MODEL_FILE),
+        list(read_json(folder / RECORD_FILE)["history"]),
         base.key(),
     )
 
@@ -345,7 +351,7 @@ def run_experiment(
     """
     dev = torch.device(device) if device is not None else egconfig.default_device()
     folder = run_dir(cfg)
-    record_path, model_path = folder / "record.json", folder / "model.pt"
+    record_path, model_path = folder / RECORD_FILE, folder / MODEL_FILE
     data = prepare_data(cfg)
     defense = make_defense(cfg.defense, **dict(cfg.defense_params))
     if cache and record_path.exists() and model_path.exists():

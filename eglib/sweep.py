@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from eglib.experiments import (
     ExperimentConfig,
+    is_cached,
     record_row,
-    run_dir,
     run_experiment,
     undefended_config,
 )
@@ -116,7 +116,7 @@ def run_waves(configs: Sequence[ExperimentConfig]) -> list[list[int]]:
     """Indices of `configs` in the order a pool may run them: a run whose defence starts from
     the undefended run of the same config (`undefended_config`) waits for it when that run is
     in the grid and not yet cached (else, run beside it, it would train its own copy)."""
-    pending = {c for c in configs if not (run_dir(c) / "record.json").exists()}
+    pending = {c for c in configs if not is_cached(c)}
     waits = [undefended_config(c) in pending for c in configs]
     waves = [[i for i, wait in enumerate(waits) if wait is later] for later in (False, True)]
     return [wave for wave in waves if wave]
@@ -131,7 +131,7 @@ def run_grid(
     if jobs < 1:
         raise ValueError(f"jobs={jobs}; must be >= 1")
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    cached = sum((run_dir(c) / "record.json").exists() for c in configs)
+    cached = sum(map(is_cached, configs))
     rows: list[dict[str, Any] | None] = [None] * len(configs)
     bar = tqdm(total=len(configs), desc=f"sweep ({cached} cached)", disable=not progress)
     with (

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from eglib.config import default_device
-from eglib.experiments import ExperimentConfig, run_dir
+from eglib.experiments import RECORD_FILE, ExperimentConfig, is_cached, run_dir
 from eglib.io import read_json
 from eglib.plots import PROTOCOLS
 from eglib.sweep import run_grid
@@ -37,10 +37,10 @@ def run_records(
     model or data loading.
     """
     unique = list(dict.fromkeys(configs))
-    missing = [c for c in unique if not (run_dir(c) / "record.json").exists()]
+    missing = [c for c in unique if not is_cached(c)]
     if missing:
         run_grid(missing, jobs=jobs or default_jobs(len(missing)), progress=progress)
-    return [read_json(run_dir(c) / "record.json") for c in configs]
+    return [read_json(run_dir(c) / RECORD_FILE) for c in configs]
 
 
 def summarise(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -340,3 +341,28 @@ def test_cache_key_depends_on_data_seed_and_fit_params(
     lc_path = build("lc").cache_path(images, labels, 0)
     assert lc_path == build("lc", eps=4.0, target=2).cache_path(images, labels, 0)
     assert lc_path == build("advnoise").cache_path(images, labels, 0), "shared surrogate"
+
+
+def _fit_after_barrier(barrier: Any, results: Any) -> None:
+    """In a spawned process: wait for the sibling, fit ssba on new toy data, report a cache hit."""
+    torch.set_num_threads(1)
+    attack = build("ssba")
+    images, labels = toy_data(seed=7)
+    barrier.wait(timeout=120)
+    attack.fit(images, labels, gen(7))
+    results.put(attack.fit_from_cache)
+
+
+def test_two_processes_fit_once_and_the_other_loads_it() -> None:
+    """Two sweep workers needing one fit at once: one trains it, the other waits and loads."""
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(2), context.Queue()
+    workers = [
+        context.Process(target=_fit_after_barrier, args=(barrier, results)) for _ in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    assert sorted(results.get(timeout=5) for _ in workers) == [False, True]

@@ -7,6 +7,8 @@ keys a cache file on (cache tag, state version, fit parameters, data fingerprint
 trains only on a miss, so a second `fit` on the same data with the same generator state
 loads from disk:
     cache_dir()/attacks/<cache_tag>-<config_hash>.pt   (written atomically, loaded weights-only)
+A file lock next to it (`.pt.lock`) makes processes that need the same fit at once (two
+workers of a sweep) wait for one of them to train it instead of each training it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
+from filelock import FileLock
 from torch import nn
 
 from eglib.config import cache_dir
@@ -126,18 +129,22 @@ class FittedAttack(Attack):
         check_labelled(images, labels)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         path = self.cache_path(images, labels, seed)
-        if path.exists():
-            state = load_state(path)
-            self._from_cache = True
-        else:
-            size = (
-                self.fit_size if self.fit_size is not None and self.fit_size < len(labels) else None
-            )
-            subset, sublabels = take_subset(images.cpu(), labels.cpu(), size, seed)
-            state = self._train(subset, sublabels, seed)
-            state["meta.shape"] = torch.tensor(images.shape[1:])
-            save_state_atomic(path, state)
-            self._from_cache = False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(path.with_name(path.name + ".lock")):
+            if path.exists():
+                state = load_state(path)
+                self._from_cache = True
+            else:
+                size = (
+                    self.fit_size
+                    if self.fit_size is not None and self.fit_size < len(labels)
+                    else None
+                )
+                subset, sublabels = take_subset(images.cpu(), labels.cpu(), size, seed)
+                state = self._train(subset, sublabels, seed)
+                state["meta.shape"] = torch.tensor(images.shape[1:])
+                save_state_atomic(path, state)
+                self._from_cache = False
         shape = tuple(int(v) for v in state["meta.shape"])
         self._shape = (shape[0], shape[1], shape[2])
         self._load(state)

@@ -123,17 +123,22 @@ def run_waves(configs: Sequence[ExperimentConfig]) -> list[list[int]]:
 
 
 def run_grid(
-    configs: Iterable[ExperimentConfig], *, jobs: int = 1, progress: bool = True
+    configs: Iterable[ExperimentConfig],
+    *,
+    jobs: int = 1,
+    progress: bool = True,
+    label: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run every config (cached ones are loaded, not rerun) in `jobs` processes, in
-    `run_waves` order; rows in config order."""
+    `run_waves` order; rows in config order. `label` names the progress bar (default:
+    "sweep (<n> cached)")."""
     configs = list(configs)
     if jobs < 1:
         raise ValueError(f"jobs={jobs}; must be >= 1")
     threads = max(1, (os.cpu_count() or 1) // jobs)
     cached = sum(map(is_cached, configs))
     rows: list[dict[str, Any] | None] = [None] * len(configs)
-    bar = tqdm(total=len(configs), desc=f"sweep ({cached} cached)", disable=not progress)
+    bar = tqdm(total=len(configs), desc=label or f"sweep ({cached} cached)", disable=not progress)
     with (
         _sigterm_as_exit(),
         ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool,

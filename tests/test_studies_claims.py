@@ -280,6 +280,29 @@ def test_run_configs_reads_the_cache_without_training(
     assert describe(configs[1]) == {"variant": "kth", "k": 4, "tail_scale": 1.0, "at": "layer1"}
 
 
+def test_run_records_labels_its_bar_with_the_cached_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the missing runs reach run_grid, so the bar's label must count the cached ones."""
+    monkeypatch.setenv("EGLIB_CACHE", str(tmp_path))
+    configs = [study_config("ci", seed) for seed in (0, 1, 2)]
+    record = {"config": configs[0].to_dict(), "key": configs[0].key()}
+    write_json_atomic(run_dir(configs[0]) / "record.json", record)
+    seen: dict[str, object] = {}
+
+    def fake_grid(missing: list[ExperimentConfig], **kwargs: object) -> list[dict]:
+        seen.update(kwargs, missing=missing)
+        for cfg in missing:
+            write_json_atomic(run_dir(cfg) / "record.json", {"key": cfg.key()})
+        return []
+
+    monkeypatch.setattr(runs, "run_grid", fake_grid)
+    records = runs.run_records([*configs, configs[0]], jobs=1)
+    assert [r["key"] for r in records] == [c.key() for c in [*configs, configs[0]]]
+    assert seen["missing"] == configs[1:]
+    assert seen["label"] == "training 2 runs (1 cached)"
+
+
 def _fake_rows() -> list[dict]:
     rows = [_row(UNDEFENDED, 0, None, 0.9, 0.9)]
     rows += [

@@ -281,9 +281,12 @@ def test_scoring_the_undefended_run_is_the_filtering_defences_detection(
 def _fake_grid(calls: list[int]) -> Any:
     """A run_grid that writes a plausible record for each config instead of training."""
 
-    def run_grid(configs: list[ExperimentConfig], *, jobs: int, progress: bool) -> list[dict]:
+    def run_grid(
+        configs: list[ExperimentConfig], *, jobs: int, progress: bool, label: str
+    ) -> list[dict]:
         calls.append(len(configs))
         assert jobs >= 1
+        assert label == f"training {len(configs)} runs (0 cached)"
         for cfg in configs:
             info = {}
             if cfg.defense in ("ss", "spectre", "ac", "eigenguard-score"):

@@ -39,7 +39,8 @@ def run_records(
     unique = list(dict.fromkeys(configs))
     missing = [c for c in unique if not is_cached(c)]
     if missing:
-        run_grid(missing, jobs=jobs or default_jobs(len(missing)), progress=progress)
+        label = f"training {len(missing)} runs ({len(unique) - len(missing)} cached)"
+        run_grid(missing, jobs=jobs or default_jobs(len(missing)), progress=progress, label=label)
     return [read_json(run_dir(c) / RECORD_FILE) for c in configs]
 
 

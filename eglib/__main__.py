@@ -114,6 +114,7 @@ def cmd_figures(args: argparse.Namespace) -> None:
             ("attacks", args.attacks),
             ("defenses", args.defenses),
             ("seeds", args.seeds),
+            ("grid", args.grid),
         )
         if value is not None
     }
@@ -177,11 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--only", action="append", help="a study name (repeatable)")
     figures.add_argument("--out", type=Path, default=FIGURES, help="folder (default figures/)")
     subset = figures.add_argument_group(
-        "a subset of the profile's grid (one --only study that takes it: defence_table)"
+        "a subset of the profile's grid (one --only study that takes it: --seeds in "
+        "defence_table and forced_dimension, --grid in forced_dimension, the rest in defence_table)"
     )
     subset.add_argument("--attacks", type=_names, help="comma-separated, e.g. badnets,blend")
     subset.add_argument("--defenses", type=_names, help="comma-separated, e.g. none,eigenguard")
     subset.add_argument("--seeds", type=_ints, help="comma-separated, e.g. 0,1,2")
+    subset.add_argument(
+        "--grid", help="another profile's k x rule x tail grid, e.g. lite (forced_dimension)"
+    )
     subset.add_argument(
         "--no-detection", action="store_true", help="skip the detection runs at 1 and 5 %%"
     )

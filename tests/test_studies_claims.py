@@ -280,6 +280,20 @@ def test_run_configs_reads_the_cache_without_training(
     assert describe(configs[1]) == {"variant": "kth", "k": 4, "tail_scale": 1.0, "at": "layer1"}
 
 
+def test_study_configs_take_seeds_and_another_profiles_grid() -> None:
+    """`figures --profile full --only forced_dimension --seeds 0 --grid lite`: lite's 8
+    filters and the undefended run, trained at full size, one seed."""
+    configs = study_configs("full", seeds=(0,), grid="lite")
+    lite = GRIDS["lite"]
+    assert len(configs) == 1 + len(lite.k) * len(lite.variants) * len(lite.tail_scales)
+    assert {c.seed for c in configs} == {0}
+    assert {(c.train_size, c.epochs) for c in configs} == {(None, PROFILES["full"].epochs)}
+    assert {dict(c.defense_params)["k"] for c in configs[1:]} == set(lite.k)
+    assert study_configs("full", grid="full") == study_configs("full")
+    with pytest.raises(ValueError, match=r"grid='huge'; allowed: \['ci', 'demo'"):
+        study_configs("full", grid="huge")
+
+
 def test_run_records_labels_its_bar_with_the_cached_count(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -292,6 +292,7 @@ def _fake_subset_study() -> SimpleNamespace:
         progress: bool = True,
         jobs: int | None = None,
         attacks: Sequence[str] | None = None,
+        grid: str | None = None,
         detection: bool = True,
     ) -> StudyResult:
         rows = [{"attack": a, "detection": detection} for a in attacks or ("badnets",)]
@@ -304,14 +305,14 @@ def test_make_figures_passes_subset_options_and_records_the_command(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setitem(studies.STUDIES, "subset", _fake_subset_study())
-    options = {"attacks": ("badnets", "blend"), "detection": False}
+    options = {"attacks": ("badnets", "blend"), "grid": "lite", "detection": False}
     make_figures("ci", tmp_path, only=["subset"], progress=False, options=options)
     with open(tmp_path / "subset.csv") as f:
         assert [r["attack"] for r in csv.DictReader(f)] == ["badnets", "blend"]
     meta = json.loads((tmp_path / "subset.json").read_text())
     assert meta["command"] == (
         f"python -m eglib figures --profile ci --only subset --out {tmp_path} "
-        "--attacks badnets,blend --no-detection"
+        "--attacks badnets,blend --grid lite --no-detection"  # a string option stays whole
     )
     with pytest.raises(ValueError, match=r"options \['seeds'\] need exactly one study"):
         make_figures("ci", tmp_path, only=["subset"], options={"seeds": (0,)})
@@ -342,5 +343,10 @@ def test_cli_figures_parses_the_subset(monkeypatch: pytest.MonkeyPatch, tmp_path
     )
     assert seen["out_dir"] == tmp_path and seen["only"] == ["defence_table"]
     assert seen["options"] == {"attacks": ("badnets", "blend"), "seeds": (0, 1), "detection": False}
+    main(
+        ["figures", "--profile", "full", "--only", "forced_dimension", "--seeds", "0"]
+        + ["--grid", "lite"]
+    )
+    assert seen["options"] == {"seeds": (0,), "grid": "lite"}
     with pytest.raises(SystemExit):
         main(["figures", "--seeds", "0,x"])

@@ -64,6 +64,8 @@ def figures_command(
         flag = key.replace("_", "-")
         if value is False:
             parts.append(f"--no-{flag}")
+        elif isinstance(value, str):
+            parts += [f"--{flag}", value]
         elif value is not True:
             parts += [f"--{flag}", ",".join(str(v) for v in value)]
     return shlex.join(parts)

@@ -139,18 +139,32 @@ def study_config(
     return ExperimentConfig.from_profile(profile, **fields)
 
 
-def study_configs(profile: str | None = None) -> list[ExperimentConfig]:
-    """Every run of the study: per seed, the undefended run then the whole grid."""
+def forced_grid(profile: str, grid: str | None = None) -> ForcedGrid:
+    """The grid named `grid` (a profile name), else the profile's own; ValueError if unknown."""
+    name = get_profile(profile).name if grid is None else grid
+    if name not in GRIDS:
+        raise ValueError(f"grid={grid!r}; allowed: {sorted(GRIDS)} (a profile's grid)")
+    return GRIDS[name]
+
+
+def study_configs(
+    profile: str | None = None, seeds: Sequence[int] | None = None, grid: str | None = None
+) -> list[ExperimentConfig]:
+    """Every run of the study: per seed, the undefended run then the whole grid.
+
+    `seeds` (default: the profile's) and `grid` (another profile's grid, e.g. lite's 8
+    filters at full size) choose a subset of what the profile would run.
+    """
     prof = get_profile(profile)
-    grid = GRIDS[prof.name]
+    grid_points = forced_grid(prof.name, grid)
     configs = []
-    for seed in prof.seeds:
+    for seed in prof.seeds if seeds is None else seeds:
         configs.append(study_config(prof.name, seed))
         configs += [
             study_config(prof.name, seed, guard_params(k, variant, tail))
-            for variant in grid.variants
-            for tail in grid.tail_scales
-            for k in grid.k
+            for variant in grid_points.variants
+            for tail in grid_points.tail_scales
+            for k in grid_points.k
         ]
     return configs
 
@@ -310,18 +324,25 @@ def choose_default(
 
 
 def run(
-    profile: str | None = None, *, progress: bool = True, jobs: int | None = None
+    profile: str | None = None,
+    *,
+    progress: bool = True,
+    jobs: int | None = None,
+    seeds: Sequence[int] | None = None,
+    grid: str | None = None,
 ) -> StudyResult:
-    """Train (or load) the undefended run and the whole grid for every seed of the profile."""
+    """Train (or load) the undefended run and the whole grid for every seed of the profile
+    (or `seeds`), on the profile's grid (or the `grid` of another profile, see `study_configs`)."""
     prof = get_profile(profile)
-    grid = GRIDS[prof.name]
-    rows = run_configs(study_configs(prof.name), jobs=jobs, progress=progress)
+    chosen = forced_grid(prof.name, grid)
+    used_seeds = tuple(prof.seeds if seeds is None else seeds)
+    rows = run_configs(study_configs(prof.name, used_seeds, grid), jobs=jobs, progress=progress)
     choice = choose_default(rows)
     return StudyResult(
         name=NAME,
         profile=prof.name,
         rows=rows,
-        seeds=prof.seeds,
+        seeds=used_seeds,
         data={"choice": choice, "table": default_table(rows)},
         notes={
             "dataset": DATASET,
@@ -329,9 +350,10 @@ def run(
             "attack": ATTACK,
             "poison_rate": POISON_RATE,
             "guard_stage": model_stages()[1],
-            "k": list(grid.k),
-            "variants": list(grid.variants),
-            "tail_scales": list(grid.tail_scales),
+            "grid": grid or prof.name,
+            "k": list(chosen.k),
+            "variants": list(chosen.variants),
+            "tail_scales": list(chosen.tail_scales),
             "size_overrides": SIZES[prof.name],
             "choice": {k: v for k, v in choice.items()},
             "choice_rule": (

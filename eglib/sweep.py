@@ -136,9 +136,9 @@ def run_grid(
     if jobs < 1:
         raise ValueError(f"jobs={jobs}; must be >= 1")
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    cached = sum(map(is_cached, configs))
+    label = label or f"sweep ({sum(map(is_cached, configs))} cached)"
     rows: list[dict[str, Any] | None] = [None] * len(configs)
-    bar = tqdm(total=len(configs), desc=label or f"sweep ({cached} cached)", disable=not progress)
+    bar = tqdm(total=len(configs), desc=label, disable=not progress)
     with (
         _sigterm_as_exit(),
         ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool,

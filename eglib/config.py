@@ -76,10 +76,21 @@ def torch_threads(n: int) -> Iterator[None]:
     For latency-bound work (tiny batches, thousands of small ops): waking a thread pool costs
     more than it gains, and on a shared CPU a descheduled thread stalls every op.
     """
+    with exact_torch_threads(min(n, torch.get_num_threads())):
+        yield
+
+
+@contextmanager
+def exact_torch_threads(n: int) -> Iterator[None]:
+    """Within the block torch uses exactly `n` intra-op CPU threads; the count is restored after.
+
+    The thread count changes the order of floating-point sums, so a run is bit-identical to
+    another only at the same count (`eglib.train` resumes a checkpoint at its count).
+    """
     if n < 1:
         raise ValueError(f"n={n}; must be >= 1")
     previous = torch.get_num_threads()
-    torch.set_num_threads(min(n, previous))
+    torch.set_num_threads(n)
     try:
         yield
     finally:

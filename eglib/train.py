@@ -5,7 +5,9 @@ augmented there (`eglib.data`). Loss and accuracy are summed on the device and r
 epoch (and about ten times with the progress bar on), never once per step. With
 `checkpoint_path` the state after every epoch (model, optimizer, scheduler, RNG states,
 history) is written atomically, and a later call with the same path, settings and seed
-continues from it, bit for bit.
+continues from it, bit for bit: it also trains with the checkpoint's CPU thread count, since
+the intra-op thread count changes the order of floating-point sums (measured: 1 vs 2 threads
+differ by 1e-5 in the weights after 8 steps, and the runs drift apart from there).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from eglib.config import default_device
+from eglib.config import default_device, exact_torch_threads
 from eglib.data import augment, iterate_batches, to_float
 from eglib.io import config_hash, load_state, save_state_atomic
 from eglib.models.base import StagedNet
@@ -158,13 +161,15 @@ def train_model(
     """Train `model` in place on uint8 `images` (N, C, H, W) and int64 `labels` (N,).
 
     Returns the history: one row per epoch {epoch (1-based), loss, train_acc (on the augmented
-    batches), lr (at the epoch's first step), seconds (training time of the epoch),
-    **eval_fn(model), **keys the callbacks add}. The model ends on `device` (default:
-    `default_device()`) in eval mode. A last batch smaller than `min_train_batch(model)` is
-    dropped each epoch. Shuffling, augmentation and any randomness inside the model (dropout)
-    come from `seed` only; the caller's global RNG state is left untouched. With
-    `checkpoint_path`, an existing checkpoint of the same run (same settings, seed and N) is
-    resumed; a different run's raises ValueError. `amp` applies on CUDA only.
+    batches), lr (at the epoch's first step), seconds (training time of the epoch), threads
+    (torch's intra-op CPU threads), **eval_fn(model), **keys the callbacks add}. The model ends
+    on `device` (default: `default_device()`) in eval mode. A last batch smaller than
+    `min_train_batch(model)` is dropped each epoch. Shuffling, augmentation and any randomness
+    inside the model (dropout) come from `seed` only; the caller's global RNG state is left
+    untouched. With `checkpoint_path`, an existing checkpoint of the same run (same settings,
+    seed and N) is resumed, with the thread count its epochs were trained with (the caller's
+    count is restored on return); a different run's raises ValueError. Bit-identical results
+    need the same torch version, device and thread count. `amp` applies on CUDA only.
     """
     _check_data(model, images, labels)
     dev = torch.device(device) if device is not None else default_device()
@@ -199,11 +204,14 @@ def train_model(
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     rng_devices = [dev] if on_cuda else []
-    with torch.random.fork_rng(devices=rng_devices, device_type=dev.type):
+    with ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=rng_devices, device_type=dev.type))
         torch.manual_seed(seed)
         ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
         if ckpt is not None and ckpt.exists():
             history = _resume(ckpt, fingerprint, model, optimizer, scheduler, generator, dev)
+        threads = int(history[-1].get("threads", 0)) if history else 0
+        stack.enter_context(exact_torch_threads(threads or torch.get_num_threads()))
         data_x, data_y = images.to(dev), labels.to(dev)
         for epoch in range(len(history) + 1, settings.epochs + 1):
             lr = optimizer.param_groups[0]["lr"]
@@ -235,6 +243,7 @@ def train_model(
                 "train_acc": acc,
                 "lr": lr,
                 "seconds": time.perf_counter() - start,
+                "threads": torch.get_num_threads(),
             }
             model.eval()
             if eval_fn is not None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eglib.config import cache_dir, default_device, get_profile, torch_threads
+from eglib.config import (
+    cache_dir,
+    default_device,
+    exact_torch_threads,
+    get_profile,
+    torch_threads,
+)
 
 
 def test_profile_from_environment_and_unknown_name(monkeypatch) -> None:
@@ -28,4 +34,15 @@ def test_torch_threads_limits_and_restores() -> None:
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
     with pytest.raises(ValueError, match="n=0"), torch_threads(0):
+        pass
+    with torch_threads(before + 3):  # a limit, never more threads than before
+        assert torch.get_num_threads() == before
+
+
+def test_exact_torch_threads_sets_any_count_and_restores() -> None:
+    before = torch.get_num_threads()
+    with exact_torch_threads(before + 3):
+        assert torch.get_num_threads() == before + 3
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="n=0"), exact_torch_threads(0):
         pass

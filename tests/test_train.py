@@ -107,7 +107,7 @@ def test_training_learns_and_history_rows() -> None:
     settings = TrainSettings(epochs=3, batch_size=32, hflip=False)
     history = train_model(model, images, labels, settings, seed=0, device="cpu", progress=False)
     assert [row["epoch"] for row in history] == [1, 2, 3]
-    assert set(history[0]) == {"epoch", "loss", "train_acc", "lr", "seconds"}
+    assert set(history[0]) == {"epoch", "loss", "train_acc", "lr", "seconds", "threads"}
     assert history[0]["lr"] == pytest.approx(settings.lr)  # cosine starts at the peak
     assert history[2]["lr"] < history[1]["lr"] < history[0]["lr"]
     # 8 steps per epoch, 24 in all: epoch 2 starts at step 8 -> lr * (1 + cos(pi / 3)) / 2
@@ -330,3 +330,34 @@ def test_fashion_mnist_small_run_beats_chance_quickly() -> None:
     train_model(model, train_x, train_y, settings, seed=0, device="cpu", progress=False)
     acc = accuracy(model, test_x, test_y, device="cpu")
     assert acc > 0.70, f"test accuracy {acc:.3f} after 2 epochs on 4000 images"
+
+
+def test_resume_trains_at_the_checkpoints_thread_count(tmp_path: Path) -> None:
+    images, labels = _halves(256)
+    settings = TrainSettings(epochs=2, batch_size=64, hflip=True)
+
+    def train(threads: int, **kwargs: object) -> tuple[StagedNet, list[dict]]:
+        model = _model(seed=3)
+        torch.set_num_threads(threads)
+        history = train_model(
+            model, images, labels, settings, seed=5, device="cpu", progress=False, **kwargs
+        )
+        return model, history
+
+    previous = torch.get_num_threads()
+    try:
+        one, one_history = train(1)
+        two, _ = train(2)
+        # the premise: the thread count changes the bits (else this test could not fail)
+        assert not _same_weights(_weights(one), _weights(two))
+        assert [row["threads"] for row in one_history] == [1, 1]
+
+        ckpt = tmp_path / "ckpt.pt"
+        with pytest.raises(KeyboardInterrupt):
+            train(1, checkpoint_path=ckpt, callbacks=[_Probe(fail_at=2)])
+        resumed, history = train(2, checkpoint_path=ckpt)  # a process with another count
+        assert torch.get_num_threads() == 2  # the caller's count is restored
+    finally:
+        torch.set_num_threads(previous)
+    assert [row["threads"] for row in history] == [1, 1]
+    assert _same_weights(_weights(resumed), _weights(one))

@@ -120,6 +120,8 @@ def cmd_figures(args: argparse.Namespace) -> None:
     }
     if args.no_detection:
         options["detection"] = False
+    if args.cached_only:
+        options["cached_only"] = True
     make_figures(profile=args.profile, out_dir=args.out, only=args.only, options=options)
 
 
@@ -179,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--out", type=Path, default=FIGURES, help="folder (default figures/)")
     subset = figures.add_argument_group(
         "a subset of the profile's grid (one --only study that takes it: --seeds in "
-        "defence_table and forced_dimension, --grid in forced_dimension, the rest in defence_table)"
+        "defence_table and forced_dimension, --grid in forced_dimension, the rest in "
+        "defence_table)"
     )
     subset.add_argument("--attacks", type=_names, help="comma-separated, e.g. badnets,blend")
     subset.add_argument("--defenses", type=_names, help="comma-separated, e.g. none,eigenguard")
@@ -189,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subset.add_argument(
         "--no-detection", action="store_true", help="skip the detection runs at 1 and 5 %%"
+    )
+    subset.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="train nothing: the grid's runs already cached, n seeds per cell (defence_table)",
     )
     figures.set_defaults(func=cmd_figures)
     return parser

@@ -337,6 +337,28 @@ def test_defence_table_run_tables_and_figures(monkeypatch: pytest.MonkeyPatch) -
     assert calls == [3] and again.rows == result.rows  # all cached: nothing rerun
 
 
+def test_defence_table_cached_only_trains_nothing_and_counts_seeds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(runs, "run_grid", _fake_grid(calls))
+    monkeypatch.setattr(defence_table, "detector_reports", _fake_reports([]))
+    with pytest.raises(ValueError, match="none of the 6 runs of this 'ci' grid is cached"):
+        defence_table.run("ci", progress=False, seeds=[0, 1], cached_only=True)
+    defence_table.run("ci", progress=False, seeds=[0, 1], defenses=["none", "eigenguard"])
+    defence_table.run("ci", progress=False, seeds=[2], defenses=["none"])
+    assert calls == [4, 1]
+
+    result = defence_table.run("ci", progress=False, seeds=[0, 1, 2, 3], cached_only=True)
+    assert calls == [4, 1]  # trained nothing; the uncached SS runs and seed 3 are left out
+    assert [(r["defense"], r["n"]) for r in result.rows] == [("none", 3), ("eigenguard", 2)]
+    assert result.seeds == (0, 1, 2) and result.notes["cached_only"] is True
+    assert result.notes["runs"] == 5
+    fig = defence_table.figures(result)[""]
+    assert "over 2-3 seeds per cell (column n)" in fig.get_suptitle()
+    plt.close("all")
+
+
 def test_trigger_ranks_on_a_tiny_untrained_model() -> None:
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (48, 1, 28, 28), dtype=torch.uint8, generator=g)

@@ -294,6 +294,7 @@ def _fake_subset_study() -> SimpleNamespace:
         attacks: Sequence[str] | None = None,
         grid: str | None = None,
         detection: bool = True,
+        cached_only: bool = False,
     ) -> StudyResult:
         rows = [{"attack": a, "detection": detection} for a in attacks or ("badnets",)]
         return StudyResult(name="subset", profile=str(profile), rows=rows, seeds=(0,))
@@ -305,14 +306,19 @@ def test_make_figures_passes_subset_options_and_records_the_command(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setitem(studies.STUDIES, "subset", _fake_subset_study())
-    options = {"attacks": ("badnets", "blend"), "grid": "lite", "detection": False}
+    options = {
+        "attacks": ("badnets", "blend"),
+        "grid": "lite",
+        "detection": False,
+        "cached_only": True,
+    }
     make_figures("ci", tmp_path, only=["subset"], progress=False, options=options)
     with open(tmp_path / "subset.csv") as f:
         assert [r["attack"] for r in csv.DictReader(f)] == ["badnets", "blend"]
     meta = json.loads((tmp_path / "subset.json").read_text())
     assert meta["command"] == (
         f"python -m eglib figures --profile ci --only subset --out {tmp_path} "
-        "--attacks badnets,blend --grid lite --no-detection"  # a string option stays whole
+        "--attacks badnets,blend --grid lite --no-detection --cached-only"  # a string stays whole
     )
     with pytest.raises(ValueError, match=r"options \['seeds'\] need exactly one study"):
         make_figures("ci", tmp_path, only=["subset"], options={"seeds": (0,)})
@@ -348,5 +354,7 @@ def test_cli_figures_parses_the_subset(monkeypatch: pytest.MonkeyPatch, tmp_path
         + ["--grid", "lite"]
     )
     assert seen["options"] == {"seeds": (0,), "grid": "lite"}
+    main(["figures", "--profile", "full", "--only", "defence_table", "--cached-only"])
+    assert seen["options"] == {"cached_only": True}
     with pytest.raises(SystemExit):
         main(["figures", "--seeds", "0,x"])

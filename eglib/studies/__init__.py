@@ -64,9 +64,11 @@ def figures_command(
         flag = key.replace("_", "-")
         if value is False:
             parts.append(f"--no-{flag}")
+        elif value is True:
+            parts.append(f"--{flag}")
         elif isinstance(value, str):
             parts += [f"--{flag}", value]
-        elif value is not True:
+        else:
             parts += [f"--{flag}", ",".join(str(v) for v in value)]
     return shlex.join(parts)
 

@@ -25,7 +25,13 @@ from matplotlib.figure import Figure
 from eglib.config import get_profile
 from eglib.defenses.base import make_defense
 from eglib.defenses.detection import detection_table, evaluate_detectors
-from eglib.experiments import ExperimentConfig, record_row, run_dir, run_experiment
+from eglib.experiments import (
+    ExperimentConfig,
+    is_cached,
+    record_row,
+    run_dir,
+    run_experiment,
+)
 from eglib.io import read_json, write_json_atomic
 from eglib.plots import PROTOCOLS, defence_heatmaps, detection_heatmaps, protocol_heatmaps
 from eglib.poison import ATTACKS
@@ -348,13 +354,16 @@ def run(
     defenses: Sequence[str] | None = None,
     seeds: Sequence[int] | None = None,
     detection: bool = True,
+    cached_only: bool = False,
 ) -> StudyResult:
     """Train (or load) the table's runs and the detection runs; summarise them.
 
     `attacks`, `defenses`, `seeds` override the profile's grid. The detectors score the
     undefended run of every table attack at 10 % and of the grid's detection attacks at
     every detection rate; `detection=False` skips the extra trainings at 1 and 5 % (and
-    with no 'none' among the defences, no run is scored).
+    with no 'none' among the defences, no run is scored). `cached_only=True` trains
+    nothing: the table holds the grid's runs the cache has (each row's `n` says how many
+    seeds), and a grid with none cached is a ValueError.
     """
     prof = get_profile(profile)
     grid = GRIDS[prof.name]
@@ -363,6 +372,10 @@ def run(
     chosen_seeds = tuple(seeds) if seeds is not None else prof.seeds
     main = table_configs(prof.name, chosen_attacks, chosen_defenses, chosen_seeds)
     extra = detection_configs(prof.name, chosen_seeds) if detection else []
+    if cached_only:
+        main, extra = _cached(main, prof.name), [c for c in extra if is_cached(c)]
+        chosen_attacks = tuple(dict.fromkeys(c.attack for c in main if c.attack))
+        chosen_seeds = tuple(sorted({c.seed for c in main}))
     records = run_records([*main, *extra], jobs=jobs, progress=progress)
     rows = seed_rows(records[: len(main)])
     scored = list(dict.fromkeys([*(c for c in main if c.defense == "none"), *extra]))
@@ -390,8 +403,20 @@ def run(
             "detection_scores": "the undefended runs' models (see the module docstring)",
             "runs": len(dict.fromkeys([*main, *extra])),
             "std": "sample std over seeds (NaN for one seed)",
+            "cached_only": cached_only,
         },
     )
+
+
+def _cached(configs: Sequence[ExperimentConfig], profile: str) -> list[ExperimentConfig]:
+    """The configs whose runs the cache holds; ValueError when it holds none of them."""
+    cached = [c for c in configs if is_cached(c)]
+    if not cached:
+        raise ValueError(
+            f"cached_only: none of the {len(configs)} runs of this {profile!r} grid is cached; "
+            "run without cached_only (--cached-only) to train them"
+        )
+    return cached
 
 
 def tables(result: StudyResult) -> dict[str, list[dict[str, Any]]]:
@@ -407,14 +432,14 @@ def tables(result: StudyResult) -> dict[str, list[dict[str, Any]]]:
 def figures(result: StudyResult) -> dict[str, Figure]:
     """ASR and ACC heat maps per sample (''), ASR under the three protocols ('protocols'),
     and the detection heat maps ('detection', when there are detection runs)."""
-    seeds = len(result.seeds)
     rates = sorted(set(result.notes["poison_rate"].values()))
     shown = " or ".join(f"{100 * r:g}" for r in rates)
     where = f"{DATASET}, {MODEL}, {shown} % poison, profile {result.profile}"
     figs = {
         "": defence_heatmaps(
             result.rows,
-            title=f"Defence table (per-sample protocol): mean ± std over {seeds} seed(s); {where}",
+            title=f"Defence table (per-sample protocol): mean ± std over {_seed_count(result)}; "
+            f"{where}",
         ),
         "protocols": protocol_heatmaps(
             result.rows, title=f"ASR under the three evaluation protocols; {where}"
@@ -426,3 +451,11 @@ def figures(result: StudyResult) -> dict[str, Figure]:
             title=f"Poison detection of the data-filtering defences; {DATASET}, {MODEL}",
         )
     return figs
+
+
+def _seed_count(result: StudyResult) -> str:
+    """'3 seeds', or '1-3 seeds per cell (column n)' when the cells' seed counts differ."""
+    counts = sorted({int(row["n"]) for row in result.rows})
+    if len(counts) == 1:
+        return f"{counts[0]} seed(s)"
+    return f"{counts[0]}-{counts[-1]} seeds per cell (column n)"

@@ -115,6 +115,7 @@ def cmd_figures(args: argparse.Namespace) -> None:
             ("defenses", args.defenses),
             ("seeds", args.seeds),
             ("grid", args.grid),
+            ("ablations", args.ablations),
         )
         if value is not None
     }
@@ -181,14 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--out", type=Path, default=FIGURES, help="folder (default figures/)")
     subset = figures.add_argument_group(
         "a subset of the profile's grid (one --only study that takes it: --seeds in "
-        "defence_table and forced_dimension, --grid in forced_dimension, the rest in "
-        "defence_table)"
+        "defence_table, forced_dimension and ablations, --grid in forced_dimension, "
+        "--ablations in ablations, the rest in defence_table)"
     )
     subset.add_argument("--attacks", type=_names, help="comma-separated, e.g. badnets,blend")
     subset.add_argument("--defenses", type=_names, help="comma-separated, e.g. none,eigenguard")
     subset.add_argument("--seeds", type=_ints, help="comma-separated, e.g. 0,1,2")
     subset.add_argument(
         "--grid", help="another profile's k x rule x tail grid, e.g. lite (forced_dimension)"
+    )
+    subset.add_argument(
+        "--ablations", type=_names, help="comma-separated, e.g. eval_mode,poison_rate (ablations)"
     )
     subset.add_argument(
         "--no-detection", action="store_true", help="skip the detection runs at 1 and 5 %%"

@@ -294,6 +294,22 @@ def test_study_configs_take_seeds_and_another_profiles_grid() -> None:
         study_configs("full", grid="huge")
 
 
+def test_ablations_take_seeds_and_a_subset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`figures --profile full --only ablations --ablations poison_rate --seeds 0`: one seed
+    of the chosen sub-ablation is trained, nothing else."""
+    by_seed = ablations.poison_rate_configs("full", seeds=(0,))
+    grid = ablations.GRIDS["full"]
+    assert len(by_seed) == 2 * len(grid.poison_rates) and {c.seed for c in by_seed} == {0}
+    assert ablations.poison_rate_configs("full") == ablations.poison_rate_configs(
+        "full", seeds=PROFILES["full"].seeds
+    )
+    trained: list[list[ExperimentConfig]] = []
+    monkeypatch.setattr(ablations, "run_configs", lambda c, **kw: trained.append(list(c)) or [])
+    result = ablations.run("full", ablations=["poison_rate"], seeds=(0,), progress=False)
+    assert trained == [by_seed, by_seed]  # the sweep, then the sub-ablation reads the cache
+    assert result.seeds == (0,) and result.notes["ablations"] == ["poison_rate"]
+
+
 def test_run_records_labels_its_bar_with_the_cached_count(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -372,4 +388,4 @@ def test_studies_are_registered() -> None:
     assert STUDIES["forced_dimension"] is forced_dimension
     assert STUDIES["ablations"] is ablations
     with pytest.raises(KeyError, match="unknown ablation"):
-        ablations.run("ci", only=["colour"])
+        ablations.run("ci", ablations=["colour"])

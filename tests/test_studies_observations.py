@@ -356,5 +356,7 @@ def test_cli_figures_parses_the_subset(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert seen["options"] == {"seeds": (0,), "grid": "lite"}
     main(["figures", "--profile", "full", "--only", "defence_table", "--cached-only"])
     assert seen["options"] == {"cached_only": True}
+    main(["figures", "--only", "ablations", "--ablations", "eval_mode,poison_rate"])
+    assert seen["options"] == {"ablations": ("eval_mode", "poison_rate")}
     with pytest.raises(SystemExit):
         main(["figures", "--seeds", "0,x"])

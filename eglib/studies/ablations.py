@@ -122,14 +122,20 @@ def _reference(grid: AblationGrid, **changes: Any) -> dict[str, Any]:
     return guard_params(**{**grid.reference, **changes})
 
 
+Seeds = Sequence[int] | None  # a study's seeds; None: the profile's
+
+
 def _per_seed(
-    profile: str, build: Callable[[int], list[ExperimentConfig]]
+    profile: str, build: Callable[[int], list[ExperimentConfig]], seeds: Seeds = None
 ) -> list[ExperimentConfig]:
-    """`build(seed)` for every seed of the profile, concatenated."""
-    return [cfg for seed in get_profile(profile).seeds for cfg in build(seed)]
+    """`build(seed)` for every seed (None: the profile's), concatenated."""
+    chosen = get_profile(profile).seeds if seeds is None else seeds
+    return [cfg for seed in chosen for cfg in build(seed)]
 
 
-def layer_configs(profile: str, *, include_slow: bool = False) -> list[ExperimentConfig]:
+def layer_configs(
+    profile: str, *, include_slow: bool = False, seeds: Seeds = None
+) -> list[ExperimentConfig]:
     """Per model: the undefended run and the reference guard after each stage in turn."""
     grid = grid_for(profile)
     models = grid.layer_models + (grid.slow_layer_models if include_slow else ())
@@ -146,10 +152,11 @@ def layer_configs(profile: str, *, include_slow: bool = False) -> list[Experimen
                 ),
             ]
         ],
+        seeds,
     )
 
 
-def k_configs(profile: str) -> list[ExperimentConfig]:
+def k_configs(profile: str, seeds: Seeds = None) -> list[ExperimentConfig]:
     """The undefended run and the reference guard at each k."""
     grid = grid_for(profile)
     return _per_seed(
@@ -158,10 +165,11 @@ def k_configs(profile: str) -> list[ExperimentConfig]:
             study_config(profile, seed),
             *(study_config(profile, seed, _reference(grid, k=k)) for k in grid.k),
         ],
+        seeds,
     )
 
 
-def tail_configs(profile: str) -> list[ExperimentConfig]:
+def tail_configs(profile: str, seeds: Seeds = None) -> list[ExperimentConfig]:
     """The undefended run and the reference guard with each tail factor (0.001 vs 1)."""
     grid = grid_for(profile)
     return _per_seed(
@@ -173,10 +181,11 @@ def tail_configs(profile: str) -> list[ExperimentConfig]:
                 for t in grid.tail_scales
             ),
         ],
+        seeds,
     )
 
 
-def rule_configs(profile: str) -> list[ExperimentConfig]:
+def rule_configs(profile: str, seeds: Seeds = None) -> list[ExperimentConfig]:
     """The undefended run and the reference guard with each rule: damping vs remove-top-k."""
     grid = grid_for(profile)
     return _per_seed(
@@ -185,10 +194,11 @@ def rule_configs(profile: str) -> list[ExperimentConfig]:
             study_config(profile, seed),
             *(study_config(profile, seed, _reference(grid, variant=v)) for v in grid.variants),
         ],
+        seeds,
     )
 
 
-def poison_rate_configs(profile: str) -> list[ExperimentConfig]:
+def poison_rate_configs(profile: str, seeds: Seeds = None) -> list[ExperimentConfig]:
     """Undefended and reference-guarded runs at each poison rate."""
     grid = grid_for(profile)
     return _per_seed(
@@ -201,10 +211,11 @@ def poison_rate_configs(profile: str) -> list[ExperimentConfig]:
                 study_config(profile, seed, _reference(grid), poison_rate=rate),
             )
         ],
+        seeds,
     )
 
 
-def architecture_configs(profile: str) -> list[ExperimentConfig]:
+def architecture_configs(profile: str, seeds: Seeds = None) -> list[ExperimentConfig]:
     """Undefended and reference-guarded (at the model's default stage) runs of each model."""
     grid = grid_for(profile)
     return _per_seed(
@@ -217,18 +228,21 @@ def architecture_configs(profile: str) -> list[ExperimentConfig]:
                 study_config(profile, seed, _reference(grid), model=model),
             )
         ],
+        seeds,
     )
 
 
-def all_configs(profile: str, *, include_slow: bool = False) -> dict[str, list[ExperimentConfig]]:
+def all_configs(
+    profile: str, *, include_slow: bool = False, seeds: Seeds = None
+) -> dict[str, list[ExperimentConfig]]:
     """The training runs of every sub-ablation, by name (eval_mode reuses the reference run)."""
     return {
-        "layer": layer_configs(profile, include_slow=include_slow),
-        "k": k_configs(profile),
-        "tail": tail_configs(profile),
-        "rule": rule_configs(profile),
-        "poison_rate": poison_rate_configs(profile),
-        "architecture": architecture_configs(profile),
+        "layer": layer_configs(profile, include_slow=include_slow, seeds=seeds),
+        "k": k_configs(profile, seeds),
+        "tail": tail_configs(profile, seeds),
+        "rule": rule_configs(profile, seeds),
+        "poison_rate": poison_rate_configs(profile, seeds),
+        "architecture": architecture_configs(profile, seeds),
     }
 
 
@@ -243,47 +257,73 @@ def layer_ablation(
     profile: str | None = None,
     *,
     include_slow: bool = False,
+    seeds: Seeds = None,
     jobs: int | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Rows: the guard after every stage of cnn-small (+ the slow models' if `include_slow`)."""
     name = get_profile(profile).name
-    return _rows("layer", layer_configs(name, include_slow=include_slow), jobs, progress)
+    configs = layer_configs(name, include_slow=include_slow, seeds=seeds)
+    return _rows("layer", configs, jobs, progress)
 
 
 def k_ablation(
-    profile: str | None = None, *, jobs: int | None = None, progress: bool = True
+    profile: str | None = None,
+    *,
+    seeds: Seeds = None,
+    jobs: int | None = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Rows: the reference guard at each forced dimension k."""
-    return _rows("k", k_configs(get_profile(profile).name), jobs, progress)
+    return _rows("k", k_configs(get_profile(profile).name, seeds), jobs, progress)
 
 
 def tail_ablation(
-    profile: str | None = None, *, jobs: int | None = None, progress: bool = True
+    profile: str | None = None,
+    *,
+    seeds: Seeds = None,
+    jobs: int | None = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Rows: the reference guard with the tail multiplied by each factor (0.001 vs 1)."""
-    return _rows("tail", tail_configs(get_profile(profile).name), jobs, progress)
+    return _rows("tail", tail_configs(get_profile(profile).name, seeds), jobs, progress)
 
 
 def rule_ablation(
-    profile: str | None = None, *, jobs: int | None = None, progress: bool = True
+    profile: str | None = None,
+    *,
+    seeds: Seeds = None,
+    jobs: int | None = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Rows: the reference guard with each rescaling rule (damping variants vs remove)."""
-    return _rows("rule", rule_configs(get_profile(profile).name), jobs, progress)
+    return _rows("rule", rule_configs(get_profile(profile).name, seeds), jobs, progress)
 
 
 def poison_rate_ablation(
-    profile: str | None = None, *, jobs: int | None = None, progress: bool = True
+    profile: str | None = None,
+    *,
+    seeds: Seeds = None,
+    jobs: int | None = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Rows: undefended and guarded models at each poison rate."""
-    return _rows("poison_rate", poison_rate_configs(get_profile(profile).name), jobs, progress)
+    return _rows(
+        "poison_rate", poison_rate_configs(get_profile(profile).name, seeds), jobs, progress
+    )
 
 
 def architecture_ablation(
-    profile: str | None = None, *, jobs: int | None = None, progress: bool = True
+    profile: str | None = None,
+    *,
+    seeds: Seeds = None,
+    jobs: int | None = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Rows: undefended and guarded runs of each architecture the profile allows."""
-    return _rows("architecture", architecture_configs(get_profile(profile).name), jobs, progress)
+    return _rows(
+        "architecture", architecture_configs(get_profile(profile).name, seeds), jobs, progress
+    )
 
 
 SMALL_BATCH = 32  # evaluation batches below this run on one CPU thread
@@ -328,13 +368,17 @@ def eval_mode_rows(
 
 
 def eval_mode_ablation(
-    profile: str | None = None, *, jobs: int | None = None, progress: bool = True
+    profile: str | None = None,
+    *,
+    seeds: Seeds = None,
+    jobs: int | None = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Rows: the reference guarded model of each seed under both eval modes at each
     evaluation batch size of the grid (ACC on the clean test set, ASR on the triggered one)."""
     name = get_profile(profile).name
     grid = grid_for(name)
-    configs = _per_seed(name, lambda seed: [study_config(name, seed, _reference(grid))])
+    configs = _per_seed(name, lambda seed: [study_config(name, seed, _reference(grid))], seeds)
     run_configs(configs, jobs=jobs, progress=progress)  # trains what the cache lacks
     rows = []
     for cfg in configs:
@@ -373,31 +417,33 @@ def run(
     progress: bool = True,
     jobs: int | None = None,
     include_slow: bool = False,
-    only: Sequence[str] | None = None,
+    ablations: Sequence[str] | None = None,
+    seeds: Seeds = None,
 ) -> StudyResult:
-    """Run the chosen sub-ablations (all when `only` is None); the rows of all, tagged.
+    """Run the chosen sub-ablations (all when `ablations` is None) on `seeds` (None: the
+    profile's); the rows of all, tagged.
 
     Every training run they need is trained first in one parallel sweep (cached runs are
     skipped), so the sub-ablations then only read the cache.
     """
     prof = get_profile(profile)
-    names = list(ABLATIONS) if only is None else list(dict.fromkeys(only))
+    names = list(ABLATIONS) if ablations is None else list(dict.fromkeys(ablations))
     unknown = [n for n in names if n not in ABLATIONS]
     if unknown:
         raise KeyError(f"unknown ablation {unknown[0]!r}; allowed: {list(ABLATIONS)}")
-    configs = all_configs(prof.name, include_slow=include_slow)
+    configs = all_configs(prof.name, include_slow=include_slow, seeds=seeds)
     needed = [c for n in names for c in configs.get(n, [])]
     run_configs(needed, jobs=jobs, progress=progress)
     rows: list[dict[str, Any]] = []
     for name in names:
         extra = {"include_slow": include_slow} if name == "layer" else {}
-        rows += ABLATIONS[name](prof.name, jobs=jobs, progress=False, **extra)
+        rows += ABLATIONS[name](prof.name, seeds=seeds, jobs=jobs, progress=False, **extra)
     grid = grid_for(prof.name)
     return StudyResult(
         name=NAME,
         profile=prof.name,
         rows=rows,
-        seeds=prof.seeds,
+        seeds=tuple(prof.seeds if seeds is None else seeds),
         notes={
             "ablations": names,
             "dataset": DATASET,

@@ -4,7 +4,8 @@ several evaluation batch sizes, and the architecture.
 
 Every run is a BadNets config of the forced-dimension study (`forced_dimension.study_config`)
 with one field changed, so runs the two studies share come from the cache. Each
-sub-ablation is a function returning table rows; `GRIDS` sizes them per profile.
+sub-ablation's runs come from its `*_configs` builder (`all_configs`), the eval-mode one
+from `eval_mode_ablation`; `GRIDS` sizes them per profile.
 """
 
 from __future__ import annotations
@@ -253,79 +254,6 @@ def _rows(
     return [{"ablation": name, **row} for row in run_configs(configs, jobs=jobs, progress=progress)]
 
 
-def layer_ablation(
-    profile: str | None = None,
-    *,
-    include_slow: bool = False,
-    seeds: Seeds = None,
-    jobs: int | None = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Rows: the guard after every stage of cnn-small (+ the slow models' if `include_slow`)."""
-    name = get_profile(profile).name
-    configs = layer_configs(name, include_slow=include_slow, seeds=seeds)
-    return _rows("layer", configs, jobs, progress)
-
-
-def k_ablation(
-    profile: str | None = None,
-    *,
-    seeds: Seeds = None,
-    jobs: int | None = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Rows: the reference guard at each forced dimension k."""
-    return _rows("k", k_configs(get_profile(profile).name, seeds), jobs, progress)
-
-
-def tail_ablation(
-    profile: str | None = None,
-    *,
-    seeds: Seeds = None,
-    jobs: int | None = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Rows: the reference guard with the tail multiplied by each factor (0.001 vs 1)."""
-    return _rows("tail", tail_configs(get_profile(profile).name, seeds), jobs, progress)
-
-
-def rule_ablation(
-    profile: str | None = None,
-    *,
-    seeds: Seeds = None,
-    jobs: int | None = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Rows: the reference guard with each rescaling rule (damping variants vs remove)."""
-    return _rows("rule", rule_configs(get_profile(profile).name, seeds), jobs, progress)
-
-
-def poison_rate_ablation(
-    profile: str | None = None,
-    *,
-    seeds: Seeds = None,
-    jobs: int | None = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Rows: undefended and guarded models at each poison rate."""
-    return _rows(
-        "poison_rate", poison_rate_configs(get_profile(profile).name, seeds), jobs, progress
-    )
-
-
-def architecture_ablation(
-    profile: str | None = None,
-    *,
-    seeds: Seeds = None,
-    jobs: int | None = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Rows: undefended and guarded runs of each architecture the profile allows."""
-    return _rows(
-        "architecture", architecture_configs(get_profile(profile).name, seeds), jobs, progress
-    )
-
-
 SMALL_BATCH = 32  # evaluation batches below this run on one CPU thread
 
 
@@ -400,15 +328,17 @@ def eval_mode_ablation(
     return rows
 
 
-ABLATIONS: dict[str, Callable[..., list[dict[str, Any]]]] = {
-    "layer": layer_ablation,
-    "k": k_ablation,
-    "tail": tail_ablation,
-    "rule": rule_ablation,
-    "poison_rate": poison_rate_ablation,
-    "eval_mode": eval_mode_ablation,
-    "architecture": architecture_ablation,
-}
+# The sub-ablations in their order: eval_mode evaluates the reference runs, the others are
+# the runs `all_configs` builds.
+ABLATIONS: tuple[str, ...] = (
+    "layer",
+    "k",
+    "tail",
+    "rule",
+    "poison_rate",
+    "eval_mode",
+    "architecture",
+)
 
 
 def run(
@@ -436,8 +366,10 @@ def run(
     run_configs(needed, jobs=jobs, progress=progress)
     rows: list[dict[str, Any]] = []
     for name in names:
-        extra = {"include_slow": include_slow} if name == "layer" else {}
-        rows += ABLATIONS[name](prof.name, seeds=seeds, jobs=jobs, progress=False, **extra)
+        if name == "eval_mode":
+            rows += eval_mode_ablation(prof.name, seeds=seeds, jobs=jobs, progress=False)
+        else:
+            rows += _rows(name, configs[name], jobs, progress=False)
     grid = grid_for(prof.name)
     return StudyResult(
         name=NAME,

@@ -157,46 +157,34 @@ def layer_configs(
     )
 
 
-def k_configs(profile: str, seeds: Seeds = None) -> list[ExperimentConfig]:
-    """The undefended run and the reference guard at each k."""
+def _vary(
+    profile: str, param: str, values: Sequence[Any], seeds: Seeds = None
+) -> list[ExperimentConfig]:
+    """The undefended run and the reference guard with `param` set to each of `values`."""
     grid = grid_for(profile)
     return _per_seed(
         profile,
         lambda seed: [
             study_config(profile, seed),
-            *(study_config(profile, seed, _reference(grid, k=k)) for k in grid.k),
+            *(study_config(profile, seed, _reference(grid, **{param: v})) for v in values),
         ],
         seeds,
     )
+
+
+def k_configs(profile: str, seeds: Seeds = None) -> list[ExperimentConfig]:
+    """The undefended run and the reference guard at each k."""
+    return _vary(profile, "k", grid_for(profile).k, seeds)
 
 
 def tail_configs(profile: str, seeds: Seeds = None) -> list[ExperimentConfig]:
     """The undefended run and the reference guard with each tail factor (0.001 vs 1)."""
-    grid = grid_for(profile)
-    return _per_seed(
-        profile,
-        lambda seed: [
-            study_config(profile, seed),
-            *(
-                study_config(profile, seed, _reference(grid, tail_scale=t))
-                for t in grid.tail_scales
-            ),
-        ],
-        seeds,
-    )
+    return _vary(profile, "tail_scale", grid_for(profile).tail_scales, seeds)
 
 
 def rule_configs(profile: str, seeds: Seeds = None) -> list[ExperimentConfig]:
     """The undefended run and the reference guard with each rule: damping vs remove-top-k."""
-    grid = grid_for(profile)
-    return _per_seed(
-        profile,
-        lambda seed: [
-            study_config(profile, seed),
-            *(study_config(profile, seed, _reference(grid, variant=v)) for v in grid.variants),
-        ],
-        seeds,
-    )
+    return _vary(profile, "variant", grid_for(profile).variants, seeds)
 
 
 def poison_rate_configs(profile: str, seeds: Seeds = None) -> list[ExperimentConfig]:

@@ -195,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--ablations", type=_names, help="comma-separated, e.g. eval_mode,poison_rate (ablations)"
     )
     subset.add_argument(
-        "--no-detection", action="store_true", help="skip the detection runs at 1 and 5 %%"
+        "--no-detection",
+        action="store_true",
+        help="skip the detection runs at 1 and 5 %% (made for the chosen detection attacks)",
     )
     subset.add_argument(
         "--cached-only",

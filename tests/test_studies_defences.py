@@ -337,6 +337,27 @@ def test_defence_table_run_tables_and_figures(monkeypatch: pytest.MonkeyPatch) -
     assert calls == [3] and again.rows == result.rows  # all cached: nothing rerun
 
 
+def test_defence_table_detection_runs_follow_the_chosen_attacks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[int] = []
+    scored: list[ExperimentConfig] = []
+    monkeypatch.setattr(runs, "run_grid", _fake_grid(calls))
+    monkeypatch.setattr(defence_table, "detector_reports", _fake_reports(scored))
+    # lite scores BadNets and Blend at 1, 5 and 10 %; SIG is no detection attack
+    defence_table.run("lite", progress=False, attacks=["sig"], defenses=["none"], seeds=[0])
+    assert calls == [1] and [(c.attack, c.poison_rate) for c in scored] == [("sig", 0.05)]
+    scored.clear()
+    defence_table.run("lite", progress=False, attacks=["blend"], defenses=["none"], seeds=[0])
+    assert calls == [1, 3]  # blend at 10 %, then its 1 and 5 % runs; no BadNets
+    assert sorted((c.attack, c.poison_rate) for c in scored) == [
+        ("blend", 0.01),
+        ("blend", 0.05),
+        ("blend", 0.1),
+    ]
+    assert len(defence_table.detection_configs("lite", (0,))) == 6  # all detection attacks
+
+
 def test_defence_table_cached_only_trains_nothing_and_counts_seeds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

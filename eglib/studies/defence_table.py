@@ -192,12 +192,14 @@ def table_configs(
     ]
 
 
-def detection_configs(profile: str | None, seeds: Sequence[int]) -> list[ExperimentConfig]:
-    """The undefended runs the detectors score: each detection attack at every rate."""
+def detection_configs(
+    profile: str | None, seeds: Sequence[int], attacks: Sequence[str] | None = None
+) -> list[ExperimentConfig]:
+    """The undefended runs the detectors score: each detection attack (of those among
+    `attacks`, when given) at every rate."""
     grid = grid_for(profile)
-    return table_configs(
-        profile, grid.detection_attacks, ("none",), seeds, rates=grid.detection_rates
-    )
+    chosen = [a for a in grid.detection_attacks if attacks is None or a in attacks]
+    return table_configs(profile, chosen, ("none",), seeds, rates=grid.detection_rates)
 
 
 def detector_reports(cfg: ExperimentConfig, detectors: Sequence[str]) -> list[dict[str, Any]]:
@@ -359,8 +361,9 @@ def run(
     """Train (or load) the table's runs and the detection runs; summarise them.
 
     `attacks`, `defenses`, `seeds` override the profile's grid. The detectors score the
-    undefended run of every table attack at 10 % and of the grid's detection attacks at
-    every detection rate; `detection=False` skips the extra trainings at 1 and 5 % (and
+    undefended run of every table attack at 10 % and of the chosen attacks that are the
+    grid's detection attacks at every detection rate (`--attacks lf` trains no BadNets run
+    at 1 %); `detection=False` skips the extra trainings at 1 and 5 % (and
     with no 'none' among the defences, no run is scored). `cached_only=True` trains
     nothing: the table holds the grid's runs the cache has (each row's `n` says how many
     seeds), and a grid with none cached is a ValueError.
@@ -371,7 +374,7 @@ def run(
     chosen_defenses = tuple(defenses) if defenses is not None else grid.defenses
     chosen_seeds = tuple(seeds) if seeds is not None else prof.seeds
     main = table_configs(prof.name, chosen_attacks, chosen_defenses, chosen_seeds)
-    extra = detection_configs(prof.name, chosen_seeds) if detection else []
+    extra = detection_configs(prof.name, chosen_seeds, chosen_attacks) if detection else []
     if cached_only:
         main, extra = _cached(main, prof.name), [c for c in extra if is_cached(c)]
         chosen_attacks = tuple(dict.fromkeys(c.attack for c in main if c.attack))

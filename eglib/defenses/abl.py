@@ -48,7 +48,9 @@ class AntiBackdoorLearning(Defense):
     The isolation's detection quality (score = minus the loss) is reported in info.
 
     Parameters (defaults, BackdoorBench's CIFAR-10 config adapted): isolation_ratio=0.01,
-    gamma=0.5 (LGA), unlearning_lr=5e-4 (`lr_unlearning_init`), unlearning_epochs=20,
+    gamma=0.5 (LGA, the paper's loss; BackdoorBench defaults to its Flooding variant),
+    unlearning_lr=5e-4 (the ABL authors' schedule and BackdoorBench's `lr_unlearning_init`;
+    BackdoorBench's unlearning schedule then uses 1e-4 regardless), unlearning_epochs=20,
     isolation_epochs=5 (BackdoorBench `tuning_epochs: 20`; fewer for the CPU budget),
     isolation_lr=0.05 (the run's default lr; BackdoorBench 0.01, the ABL paper 0.1),
     batch_size=128, hflip=False. Step 3 replaces BackdoorBench's 60 fine-tuning epochs.

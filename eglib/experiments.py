@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,9 +157,44 @@ def run_dir(cfg: ExperimentConfig) -> Path:
     return egconfig.cache_dir() / "runs" / cfg.key()
 
 
+def stale_defense_params(cfg: ExperimentConfig, record: dict[str, Any]) -> dict[str, Any]:
+    """{param: (recorded, current)} where a cached run's resolved defence parameters differ
+    from those `cfg` resolves to now; empty when they agree or the record names none.
+
+    A config names only the parameters it sets, so the cache key does not change when a
+    defence's default does: this is what tells a record trained under the old default."""
+    if "params" not in record.get("defense", {}):
+        return {}
+    current = json.loads(json.dumps(make_defense(cfg.defense, **dict(cfg.defense_params)).params()))
+    recorded = record["defense"]["params"]
+    return {
+        name: (recorded.get(name), current.get(name))
+        for name in sorted(set(current) | set(recorded))
+        if recorded.get(name) != current.get(name)
+    }
+
+
+def cached_record(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """The cached record of `cfg`'s finished run (written after its model), or None when
+    there is none or it was trained under other defence defaults (`stale_defense_params`)."""
+    path = run_dir(cfg) / RECORD_FILE
+    if not path.exists():
+        return None
+    record = read_json(path)
+    stale = stale_defense_params(cfg, record)
+    if stale:
+        warnings.warn(
+            f"cached run {cfg.key()} ({cfg.defense}) was trained with other defence parameters "
+            f"(recorded, current): {stale}; it is not used and will be retrained",
+            stacklevel=2,
+        )
+        return None
+    return record
+
+
 def is_cached(cfg: ExperimentConfig) -> bool:
-    """Whether the cache holds the finished run of `cfg` (its record, written after the model)."""
-    return (run_dir(cfg) / RECORD_FILE).exists()
+    """Whether the cache holds the current finished run of `cfg` (see `cached_record`)."""
+    return cached_record(cfg) is not None
 
 
 def prepare_data(cfg: ExperimentConfig) -> ExperimentData:
@@ -245,14 +281,10 @@ def cached_undefended(cfg: ExperimentConfig) -> UndefendedRun | None:
     base = undefended_config(cfg)
     if base is None:
         return None
-    folder = run_dir(base)
-    if not ((folder / RECORD_FILE).exists() and (folder / MODEL_FILE).exists()):
+    record = cached_record(base)
+    if record is None or not (run_dir(base) / MODEL_FILE).exists():
         return None
-    return (
-        load_state(folder / MODEL_FILE),
-        list(read_json(folder / RECORD_FILE)["history"]),
-        base.key(),
-    )
+    return load_state(run_dir(base) / MODEL_FILE), list(record["history"]), base.key()
 
 
 def _build_context(
@@ -351,15 +383,14 @@ def run_experiment(
     """
     dev = torch.device(device) if device is not None else egconfig.default_device()
     folder = run_dir(cfg)
-    record_path, model_path = folder / RECORD_FILE, folder / MODEL_FILE
     data = prepare_data(cfg)
     defense = make_defense(cfg.defense, **dict(cfg.defense_params))
-    if cache and record_path.exists() and model_path.exists():
-        record = read_json(record_path)
+    cached = cached_record(cfg) if cache and (folder / MODEL_FILE).exists() else None
+    if cached is not None:
         ctx = _build_context(cfg, data, dev, progress=False, checkpoint=None)
         model = defense.build_model(ctx)
-        model.load_state_dict(load_state(model_path))
-        return ExperimentResult(cfg, record, model.to(dev).eval(), data)
+        model.load_state_dict(load_state(folder / MODEL_FILE))
+        return ExperimentResult(cfg, cached, model.to(dev).eval(), data)
 
     folder.mkdir(parents=True, exist_ok=True)
     ctx = _build_context(
@@ -397,8 +428,8 @@ def run_experiment(
     }
     json.dumps(record)  # fails loudly here, not in the cache, if anything is not plain data
     if cache:
-        save_state_atomic(model_path, model.state_dict())
-        write_json_atomic(record_path, record)
+        save_state_atomic(folder / MODEL_FILE, model.state_dict())
+        write_json_atomic(folder / RECORD_FILE, record)
         (folder / "checkpoint.pt").unlink(missing_ok=True)
     return ExperimentResult(cfg, record, model, data)
 

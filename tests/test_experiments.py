@@ -11,7 +11,16 @@ import eglib.defenses.ft as ft_module
 import eglib.experiments as experiments
 from eglib.__main__ import main
 from eglib.config import PROFILES, Profile
-from eglib.experiments import ExperimentConfig, prepare_data, record_row, run_dir, run_experiment
+from eglib.experiments import (
+    ExperimentConfig,
+    is_cached,
+    prepare_data,
+    record_row,
+    run_dir,
+    run_experiment,
+    stale_defense_params,
+)
+from eglib.io import write_json_atomic
 
 TINY = dict(epochs=1, batch_size=32, train_size=None, test_size=None, lr=0.05)
 
@@ -82,6 +91,33 @@ def test_run_records_protocols_and_is_cached(tiny_fashion, tmp_cache, monkeypatc
     assert "layer1" in again.model.guards
     x = first.data.test_images[:8].float() / 255
     assert torch.allclose(again.model(x), first.model(x), atol=1e-5)
+
+
+def test_a_run_cached_under_other_defence_defaults_is_retrained(
+    tiny_fashion, tmp_cache, monkeypatch
+) -> None:
+    """A config names only the parameters it sets, so a changed default keeps its key: the
+    record's resolved parameters tell the stale run, which is retrained, not served."""
+    cfg = ExperimentConfig(defense="eigenguard", defense_params={"k": 2}, **TINY)
+    record = run_experiment(cfg, progress=False).record
+    assert is_cached(cfg) and stale_defense_params(cfg, record) == {}
+    name = next(n for n in record["defense"]["params"] if n != "k")
+    current = record["defense"]["params"][name]
+    record["defense"]["params"][name] = "an old default"
+    write_json_atomic(run_dir(cfg) / "record.json", record)
+    assert stale_defense_params(cfg, record) == {name: ("an old default", current)}
+    with pytest.warns(UserWarning, match=f"{name}.*an old default"):
+        assert not is_cached(cfg)
+
+    trained: list[int] = []
+    train = experiments.train_model
+    monkeypatch.setattr(
+        experiments, "train_model", lambda *a, **kw: trained.append(1) or train(*a, **kw)
+    )
+    with pytest.warns(UserWarning, match="will be retrained"):
+        again = run_experiment(cfg, progress=False)
+    assert trained and again.record["defense"]["params"][name] == current
+    assert is_cached(cfg)
 
 
 def test_cli_train_prints_a_row(tiny_fashion, tmp_cache, capsys, monkeypatch) -> None:

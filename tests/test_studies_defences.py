@@ -19,6 +19,7 @@ import torch
 
 from eglib import studies
 from eglib.config import PROFILES, Profile
+from eglib.defenses import make_defense
 from eglib.experiments import (
     ExperimentConfig,
     ExperimentData,
@@ -57,14 +58,15 @@ def _record(
     batch_gain: float = 0.0,
     info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A minimal record of `cfg` as run_experiment writes it."""
+    """A minimal record of `cfg` as run_experiment writes it (the resolved defence params)."""
+    params = make_defense(cfg.defense, **dict(cfg.defense_params)).params()
     return {
         "version": 1,
         "key": cfg.key(),
         "config": cfg.to_dict(),
         "metrics": _metrics(acc, asr, batch_gain),
         "history": [],
-        "defense": {"name": cfg.defense, "params": dict(cfg.defense_params), "info": info or {}},
+        "defense": {"name": cfg.defense, "params": params, "info": info or {}},
         "timings": {"train_s": 2.0, "eval_s": 0.5},
     }
 

@@ -14,7 +14,7 @@ import torch
 
 from eglib import config as egconfig
 from eglib.data import dataset_info, load_dataset, take_subset
-from eglib.defenses import DEFENSES, DefenseContext, make_defense
+from eglib.defenses import DEFENSES, DefenseContext, make_defense, recorded_params
 from eglib.defenses.base import UndefendedRun
 from eglib.evaluate import accuracy, attack_success_rate, evaluate_protocols
 from eglib.io import (
@@ -165,7 +165,7 @@ def stale_defense_params(cfg: ExperimentConfig, record: dict[str, Any]) -> dict[
     defence's default does: this is what tells a record trained under the old default."""
     if "params" not in record.get("defense", {}):
         return {}
-    current = json.loads(json.dumps(make_defense(cfg.defense, **dict(cfg.defense_params)).params()))
+    current = recorded_params(cfg.defense, dict(cfg.defense_params))
     recorded = record["defense"]["params"]
     return {
         name: (recorded.get(name), current.get(name))

@@ -17,6 +17,7 @@ from eglib.defenses.base import (
     DefenseContext,
     DefenseOutcome,
     make_defense,
+    recorded_params,
     register_defense,
     train_on,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "DefenseContext",
     "DefenseOutcome",
     "make_defense",
+    "recorded_params",
     "register_defense",
     "train_on",
 ]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -101,6 +102,12 @@ def register_defense(cls: type[Defense]) -> type[Defense]:
 def make_defense(name: str, **params: Any) -> Defense:
     """Build the defence called `name`; an unknown name lists the allowed ones."""
     return lookup(DEFENSES, "defence", name)(**params)
+
+
+def recorded_params(name: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The resolved parameters of defence `name` built with `params` (defaults filled in), as
+    a JSON record holds them (tuples as lists): what cached results are checked against."""
+    return json.loads(json.dumps(make_defense(name, **dict(params or {})).params()))
 
 
 def train_on(

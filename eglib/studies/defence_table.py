@@ -15,7 +15,6 @@ detectors instead of four trainings and four retrainings.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from eglib.config import get_profile
-from eglib.defenses.base import make_defense
+from eglib.defenses.base import recorded_params
 from eglib.defenses.detection import detection_table, evaluate_detectors
 from eglib.experiments import (
     ExperimentConfig,
@@ -213,7 +212,7 @@ def detector_reports(cfg: ExperimentConfig, detectors: Sequence[str]) -> list[di
             f"detectors score an undefended, poisoned run; got attack={cfg.attack!r}, "
             f"defense={cfg.defense!r} (need an attack and defense='none')"
         )
-    chosen = json.loads(json.dumps({name: make_defense(name).params() for name in detectors}))
+    chosen = {name: recorded_params(name) for name in detectors}
     path = run_dir(cfg) / DETECTION_FILE
     if path.exists():
         cached = read_json(path)

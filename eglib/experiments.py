@@ -6,16 +6,19 @@ import dataclasses
 import json
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 
 from eglib import config as egconfig
 from eglib.data import dataset_info, load_dataset, take_subset
 from eglib.defenses import DEFENSES, DefenseContext, make_defense, recorded_params
-from eglib.defenses.base import UndefendedRun
+from eglib.defenses.base import Defense, UndefendedRun
 from eglib.evaluate import accuracy, attack_success_rate, evaluate_protocols
 from eglib.io import (
     config_hash,
@@ -33,6 +36,7 @@ from eglib.train import TrainSettings, train_model
 
 RECORD_VERSION = 1
 RECORD_FILE, MODEL_FILE = "record.json", "model.pt"  # a run folder's record and weights
+TRAIN_LOCK = "train.lock"  # held while a process loads or trains the run
 
 Params = tuple[tuple[str, Any], ...]
 
@@ -264,6 +268,28 @@ def seeded_model(name: str, num_classes: int, in_channels: int, seed: int) -> St
         return make_model(name, num_classes, in_channels)
 
 
+@contextmanager
+def training_lock(cfg: ExperimentConfig) -> Iterator[None]:
+    """Hold the lock of `cfg`'s run folder, so that one process at a time loads or trains it;
+    a second process asked for a run being trained waits (with a warning) for the first."""
+    folder = run_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / TRAIN_LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        warnings.warn(
+            f"run {cfg.key()} is being trained by another process (lock {lock.lock_file}); "
+            "waiting for it to finish, then loading it",
+            stacklevel=3,
+        )
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def undefended_config(cfg: ExperimentConfig) -> ExperimentConfig | None:
     """The run whose model `cfg`'s defence starts from (`cfg` without its defence), or None
     when the defence trains its own (not `starts_from_poisoned_model`) or there is no attack."""
@@ -277,14 +303,15 @@ def undefended_config(cfg: ExperimentConfig) -> ExperimentConfig | None:
 
 def cached_undefended(cfg: ExperimentConfig) -> UndefendedRun | None:
     """The cached `undefended_config` run of `cfg` (model state, history, key), or None when
-    there is none or the cache lacks it."""
+    there is none or the cache lacks it; waits for it while another process trains it."""
     base = undefended_config(cfg)
     if base is None:
         return None
-    record = cached_record(base)
-    if record is None or not (run_dir(base) / MODEL_FILE).exists():
-        return None
-    return load_state(run_dir(base) / MODEL_FILE), list(record["history"]), base.key()
+    with training_lock(base):
+        record = cached_record(base)
+        if record is None or not (run_dir(base) / MODEL_FILE).exists():
+            return None
+        return load_state(run_dir(base) / MODEL_FILE), list(record["history"]), base.key()
 
 
 def _build_context(
@@ -379,20 +406,37 @@ def run_experiment(
     NAD, ANP, the data filters) takes the cached undefended run of the same config when there
     is one, as BackdoorBench's defences load the attack's model: every defence then repairs
     the very model of the 'none' row, and a full-profile training is saved. The record's
-    `poisoned_model_from` names that run's key (None: trained here).
+    `poisoned_model_from` names that run's key (None: trained here). Two processes asked
+    for the same uncached run do not both train it: the second waits (`training_lock`) and
+    loads the first one's run.
     """
     dev = torch.device(device) if device is not None else egconfig.default_device()
-    folder = run_dir(cfg)
     data = prepare_data(cfg)
     defense = make_defense(cfg.defense, **dict(cfg.defense_params))
-    cached = cached_record(cfg) if cache and (folder / MODEL_FILE).exists() else None
-    if cached is not None:
+    if not cache:
+        return _train_run(cfg, data, defense, dev, progress, cache=False)
+    with training_lock(cfg):
+        folder = run_dir(cfg)
+        cached = cached_record(cfg) if (folder / MODEL_FILE).exists() else None
+        if cached is None:
+            return _train_run(cfg, data, defense, dev, progress, cache=True)
         ctx = _build_context(cfg, data, dev, progress=False, checkpoint=None)
         model = defense.build_model(ctx)
         model.load_state_dict(load_state(folder / MODEL_FILE))
         return ExperimentResult(cfg, cached, model.to(dev).eval(), data)
 
-    folder.mkdir(parents=True, exist_ok=True)
+
+def _train_run(
+    cfg: ExperimentConfig,
+    data: ExperimentData,
+    defense: Defense,
+    dev: torch.device,
+    progress: bool,
+    *,
+    cache: bool,
+) -> ExperimentResult:
+    """Train and evaluate one run; with `cache`, checkpoint it and store its model and record."""
+    folder = run_dir(cfg)
     ctx = _build_context(
         cfg,
         data,

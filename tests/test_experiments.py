@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import json
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from filelock import FileLock
 
 import eglib.defenses.ft as ft_module
 import eglib.experiments as experiments
 from eglib.__main__ import main
 from eglib.config import PROFILES, Profile
 from eglib.experiments import (
+    TRAIN_LOCK,
     ExperimentConfig,
+    ExperimentResult,
     is_cached,
     prepare_data,
     record_row,
@@ -190,3 +199,65 @@ def test_post_training_defence_repairs_the_cached_undefended_model(
     assert [r["loss"] for r in alone.record["history"] if r.get("phase") == "poisoned"] == [
         r["loss"] for r in poisoned_rows
     ]
+
+
+def _while_trained_elsewhere(cfg: ExperimentConfig, finished: Path, call: Callable[[], Any]) -> Any:
+    """`call()` in a thread while this test holds `cfg`'s run lock, as a process training
+    `cfg` would; once the thread says it waits, 'finish' that training (copy the run files of
+    `finished` in), release the lock and return what `call` returned."""
+    folder = run_dir(cfg)
+    folder.mkdir(parents=True)
+    lock = FileLock(folder / TRAIN_LOCK)
+    lock.acquire()
+    out: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: out.update(result=call()), daemon=True)
+    with pytest.warns(UserWarning, match="being trained by another process") as caught:
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not any("another process" in str(w.message) for w in caught):
+            assert thread.is_alive() and time.monotonic() < deadline, "did not wait for the lock"
+            time.sleep(0.05)
+        for path in finished.iterdir():
+            shutil.copy(path, folder / path.name)
+        lock.release()
+        thread.join(timeout=60)
+    return out["result"]
+
+
+def _trained_then_moved_aside(cfg: ExperimentConfig, aside: Path) -> ExperimentResult:
+    """Train `cfg`, then move its run folder to `aside`: the run another process will finish."""
+    result = run_experiment(cfg, progress=False)
+    shutil.move(run_dir(cfg), aside)
+    return result
+
+
+def test_a_run_being_trained_by_another_process_is_waited_for_then_loaded(
+    tiny_fashion, tmp_cache, tmp_path, monkeypatch
+) -> None:
+    """Two processes asked for one uncached run: the second waits on the run's lock and loads
+    what the first trained, instead of training it again and overwriting its record."""
+    cfg = ExperimentConfig(**TINY)
+    first = _trained_then_moved_aside(cfg, tmp_path / "finished")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the run was being trained elsewhere; it must be loaded")
+
+    monkeypatch.setattr(experiments, "train_model", no_training)
+    second = _while_trained_elsewhere(
+        cfg, tmp_path / "finished", lambda: run_experiment(cfg, progress=False)
+    )
+    assert second.record == first.record
+
+
+def test_a_defence_waits_for_its_undefended_run_being_trained_elsewhere(
+    tiny_fashion, tmp_cache, tmp_path
+) -> None:
+    """FT asked for while another process trains its undefended run starts from that run,
+    once finished, instead of training a poisoned model of its own."""
+    base = ExperimentConfig(clean_reserve=0.1, **TINY)
+    _trained_then_moved_aside(base, tmp_path / "finished")
+    ft = base.replace(defense="ft", defense_params={"epochs": 1})
+    record = _while_trained_elsewhere(
+        base, tmp_path / "finished", lambda: run_experiment(ft, progress=False)
+    ).record
+    assert record["poisoned_model_from"] == base.key()

@@ -90,18 +90,37 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows of it."""
+    try:
+        lines = Path(cpuinfo).read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name.strip() == "model name" and value.strip():
+            return value.strip()
+    return platform.processor() or platform.machine() or "cpu"
+
+
 def environment_info(device: str | torch.device | None = None) -> dict[str, Any]:
-    """Plain data on where a run happens (device default: `default_device()`), versions, CPUs."""
+    """Plain data on where a run happens (device default: `default_device()`), versions, CPUs.
+
+    The CPU model and the SIMD level torch's kernels use (`cpu_capability`) are recorded
+    because they change the order of float sums: one config, seed and thread count trained
+    on two machines can differ in its last digits, and the record then says why."""
     dev = torch.device(device) if device is not None else default_device()
     if dev.type == "cuda":
         device_name = torch.cuda.get_device_name(dev)
     else:
-        device_name = platform.processor() or platform.machine() or "cpu"
+        device_name = cpu_model()
     return {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "device": str(dev),
         "device_name": device_name,
+        "cpu_model": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),

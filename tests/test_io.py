@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -128,5 +129,17 @@ def test_environment_info_plain_json(tmp_path: Path) -> None:
     info = io.environment_info("cpu")
     assert info["torch"] == torch.__version__ and info["device"] == "cpu"
     assert {"device_name", "python", "platform", "cpu_count"} <= info.keys()
+    # the CPU and its SIMD level change float sums: a record must say which it ran on
+    assert info["device_name"] == info["cpu_model"] == io.cpu_model()
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     io.write_json_atomic(tmp_path / "env.json", info)
     assert io.read_json(tmp_path / "env.json") == info
+
+
+def test_cpu_model_reads_cpuinfo_and_falls_back(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\n")
+    assert io.cpu_model(cpuinfo) == "AMD EPYC 9R14"
+    cpuinfo.write_text("processor\t: 0\n")  # no model name (some ARM kernels)
+    assert io.cpu_model(cpuinfo) == (platform.processor() or platform.machine() or "cpu")
+    assert io.cpu_model(tmp_path / "missing") == io.cpu_model(cpuinfo)

@@ -196,6 +196,11 @@ def cached_record(cfg: ExperimentConfig) -> dict[str, Any] | None:
     return record
 
 
+def _loadable_record(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """`cached_record` of `cfg` when its model is cached too, so the run can be loaded."""
+    return cached_record(cfg) if (run_dir(cfg) / MODEL_FILE).exists() else None
+
+
 def is_cached(cfg: ExperimentConfig) -> bool:
     """Whether the cache holds the current finished run of `cfg` (see `cached_record`)."""
     return cached_record(cfg) is not None
@@ -308,8 +313,8 @@ def cached_undefended(cfg: ExperimentConfig) -> UndefendedRun | None:
     if base is None:
         return None
     with training_lock(base):
-        record = cached_record(base)
-        if record is None or not (run_dir(base) / MODEL_FILE).exists():
+        record = _loadable_record(base)
+        if record is None:
             return None
         return load_state(run_dir(base) / MODEL_FILE), list(record["history"]), base.key()
 
@@ -416,13 +421,12 @@ def run_experiment(
     if not cache:
         return _train_run(cfg, data, defense, dev, progress, cache=False)
     with training_lock(cfg):
-        folder = run_dir(cfg)
-        cached = cached_record(cfg) if (folder / MODEL_FILE).exists() else None
+        cached = _loadable_record(cfg)
         if cached is None:
             return _train_run(cfg, data, defense, dev, progress, cache=True)
         ctx = _build_context(cfg, data, dev, progress=False, checkpoint=None)
         model = defense.build_model(ctx)
-        model.load_state_dict(load_state(folder / MODEL_FILE))
+        model.load_state_dict(load_state(run_dir(cfg) / MODEL_FILE))
         return ExperimentResult(cfg, cached, model.to(dev).eval(), data)
 
 

@@ -110,16 +110,13 @@ def environment_info(device: str | torch.device | None = None) -> dict[str, Any]
     because they change the order of float sums: one config, seed and thread count trained
     on two machines can differ in its last digits, and the record then says why."""
     dev = torch.device(device) if device is not None else default_device()
-    if dev.type == "cuda":
-        device_name = torch.cuda.get_device_name(dev)
-    else:
-        device_name = cpu_model()
+    cpu = cpu_model()
     return {
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "device": str(dev),
-        "device_name": device_name,
-        "cpu_model": cpu_model(),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu,
+        "cpu_model": cpu,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),

@@ -45,7 +45,7 @@ from eglib.spectral import (
     flatten_rows,
     gram_eigh,
     singular_values,
-    top_tail_projections,
+    top_coordinates,
 )
 
 Metrics = dict[str, dict[str, float]]
@@ -190,7 +190,7 @@ def _top_plane(coords: torch.Tensor) -> np.ndarray:
     """2-D PCA coordinates (n, 2) of rows given by their k coordinates in the top subspace
     (second column zero when k = 1)."""
     dims = min(2, coords.shape[1])
-    top, _ = top_tail_projections(coords, dims, center=True)
+    top = top_coordinates(coords, dims, center=True)
     return F.pad(top, (0, 2 - dims)).numpy()
 
 

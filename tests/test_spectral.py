@@ -19,6 +19,7 @@ from eglib.spectral import (
     equal_count_subsample,
     singular_values,
     stable_rank,
+    top_coordinates,
     top_right_basis,
     top_tail_projections,
     trigger_difference,
@@ -103,6 +104,7 @@ def test_top_tail_projections_split_the_matrix(shape: tuple[int, int], center: b
     basis = top_right_basis(A, 3, center=center)
     torch.testing.assert_close(basis.T @ basis, torch.eye(3, dtype=torch.float64))
     torch.testing.assert_close(top @ basis.T + tail, M)
+    torch.testing.assert_close(top_coordinates(A, 3, center=center), top)  # the top part alone
 
 
 def test_top_tail_projections_rank_below_k_and_bad_k() -> None:
@@ -236,14 +238,18 @@ def test_top_right_basis_of_a_large_matrix_is_randomized_exact_and_seeded(
     weights = torch.randn(n, k, generator=gen, dtype=torch.float64) * torch.tensor([9.0, 6.0, 4.0])
     A = weights @ planted.T + torch.randn(n, d, generator=gen, dtype=torch.float64) * 0.1
     calls: list[int] = []
-    real = torch.svd_lowrank
-    monkeypatch.setattr(torch, "svd_lowrank", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = spectral._randomized_top_basis
+    monkeypatch.setattr(
+        spectral, "_randomized_top_basis", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
     state = torch.get_rng_state()
     V = top_right_basis(A, k)
     assert calls and torch.equal(torch.get_rng_state(), state)
     exact = torch.linalg.svd(A, full_matrices=False).Vh[:k].T
     assert torch.linalg.svdvals(exact.T @ V).min() > 1 - 1e-9  # the same subspace
     assert torch.equal(top_right_basis(A, k), V)  # seeded
+    coords = top_coordinates(A, k)
+    torch.testing.assert_close(coords.norm(dim=0), torch.linalg.svdvals(A)[:k])
     monkeypatch.setattr(spectral, "EXACT_MAX_SIDE", 10_000)
     calls.clear()
     top_right_basis(A, k)

@@ -21,7 +21,7 @@ from eglib.defenses.detection import Detection, detection_report
 from eglib.defenses.loops import poisoned_model, train_phase
 from eglib.defenses.params import check_choice, check_float, check_int, check_layer
 from eglib.models.base import StagedNet
-from eglib.spectral import capture_features, top_tail_projections
+from eglib.spectral import capture_features, top_coordinates
 
 POOLS: tuple[str, ...] = ("mean", "flatten")
 
@@ -83,7 +83,7 @@ def top_projection_norms(
     groups = label_groups(labels) if per_label else [(-1, torch.arange(features.shape[0]))]
     for _, idx in groups:  # loop over labels
         group = features[idx.to(features.device)]
-        top, _ = top_tail_projections(group, min(k, *group.shape), center=True)
+        top = top_coordinates(group, min(k, *group.shape), center=True)
         out[idx] = top.norm(dim=1).cpu()
     return out
 

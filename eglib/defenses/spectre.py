@@ -12,7 +12,7 @@ from sklearn.covariance import MinCovDet
 from eglib.defenses.base import register_defense
 from eglib.defenses.filtering import ScoreFilteringDefense, label_groups
 from eglib.defenses.params import check_float, check_int
-from eglib.spectral import top_tail_projections
+from eglib.spectral import top_coordinates
 
 
 def robust_whiten(X: np.ndarray, seed: int) -> np.ndarray:
@@ -93,7 +93,7 @@ class Spectre(ScoreFilteringDefense):
             if d < 1:
                 skipped.append(label)
                 continue
-            coords, _ = top_tail_projections(group, d, center=True)
+            coords = top_coordinates(group, d, center=True)
             whitened = robust_whiten(coords.cpu().numpy(), self.seed)
             scores[idx] = torch.from_numpy(que_scores(whitened, self.alpha))
             dims[str(label)] = d

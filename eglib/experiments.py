@@ -276,7 +276,7 @@ def seeded_model(name: str, num_classes: int, in_channels: int, seed: int) -> St
 @contextmanager
 def training_lock(cfg: ExperimentConfig) -> Iterator[None]:
     """Hold the lock of `cfg`'s run folder, so that one process at a time loads or trains it;
-    a second process asked for a run being trained waits (with a warning) for the first."""
+    a second process asked for a run in use waits (with a warning) for the first."""
     folder = run_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     lock = FileLock(folder / TRAIN_LOCK)
@@ -284,8 +284,8 @@ def training_lock(cfg: ExperimentConfig) -> Iterator[None]:
         lock.acquire(timeout=0)
     except Timeout:
         warnings.warn(
-            f"run {cfg.key()} is being trained by another process (lock {lock.lock_file}); "
-            "waiting for it to finish, then loading it",
+            f"run {cfg.key()} is being loaded or trained by another process "
+            f"(lock {lock.lock_file}); waiting for it to finish, then loading it",
             stacklevel=3,
         )
         lock.acquire()

@@ -211,7 +211,7 @@ def _while_trained_elsewhere(cfg: ExperimentConfig, finished: Path, call: Callab
     lock.acquire()
     out: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: out.update(result=call()), daemon=True)
-    with pytest.warns(UserWarning, match="being trained by another process") as caught:
+    with pytest.warns(UserWarning, match="being loaded or trained by another process") as caught:
         thread.start()
         deadline = time.monotonic() + 30
         while not any("another process" in str(w.message) for w in caught):

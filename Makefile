@@ -60,6 +60,7 @@ bench: setup data
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/poison_throughput.py
 	$(BIN)/python bench/guard_overhead.py
+	$(BIN)/python bench/detection_scoring.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts

@@ -18,6 +18,7 @@ import eglib.defenses.ft as ft_module
 import eglib.experiments as experiments
 from eglib.__main__ import main
 from eglib.config import PROFILES, Profile
+from eglib.defenses.base import recorded_params
 from eglib.experiments import (
     TRAIN_LOCK,
     ExperimentConfig,
@@ -29,6 +30,7 @@ from eglib.experiments import (
     run_experiment,
     stale_defense_params,
 )
+from eglib.guard import EigenGuard
 from eglib.io import write_json_atomic
 
 TINY = dict(epochs=1, batch_size=32, train_size=None, test_size=None, lr=0.05)
@@ -127,6 +129,27 @@ def test_a_run_cached_under_other_defence_defaults_is_retrained(
         again = run_experiment(cfg, progress=False)
     assert trained and again.record["defense"]["params"][name] == current
     assert is_cached(cfg)
+
+
+def test_a_changed_guard_default_makes_an_eigenguard_record_stale(monkeypatch) -> None:
+    """A config naming only k records every guard parameter, so a changed guard default (here
+    tail_scale) tells the cached run apart; recording only the named ones could not."""
+    cfg = ExperimentConfig(defense="eigenguard", defense_params={"k": 4}, **TINY)
+    record = {"defense": {"params": recorded_params("eigenguard", {"k": 4})}}
+    guard = EigenGuard(k=4)
+    assert record["defense"]["params"] == {
+        "at": None,
+        "k": 4,
+        **{
+            name: getattr(guard, name)
+            for name in ("rule", "top_scale", "tail_scale", "eval_mode", "momentum", "eps")
+        },
+    }
+    assert stale_defense_params(cfg, record) == {}
+    defaults = list(EigenGuard.__init__.__defaults__)
+    defaults[2] = 0.001  # tail_scale
+    monkeypatch.setattr(EigenGuard.__init__, "__defaults__", tuple(defaults))
+    assert stale_defense_params(cfg, record) == {"tail_scale": (1.0, 0.001)}
 
 
 def test_cli_train_prints_a_row(tiny_fashion, tmp_cache, capsys, monkeypatch) -> None:

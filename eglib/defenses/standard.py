@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from eglib.defenses.base import Defense, DefenseContext, DefenseOutcome, register_defense, train_on
@@ -57,5 +58,10 @@ class EigenGuardDefense(Defense):
         )
 
     def params(self) -> dict[str, Any]:
-        """`at` and the guard's parameters, flat."""
-        return {"at": self.at, **self.guard_params}
+        """`at` and every guard parameter, defaults filled in (so a cached run trained under
+        another guard default is told apart, see `eglib.experiments.stale_defense_params`)."""
+        from eglib.guard import EigenGuard
+
+        guard = inspect.signature(EigenGuard).bind(**self.guard_params)
+        guard.apply_defaults()
+        return {"at": self.at, **guard.arguments}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from eglib.evaluate import (
     mixed_batches,
     predict,
 )
+from eglib.experiments import _epoch_metrics, evaluate_run
 from eglib.guard import insert_guard
 from eglib.models import make_model
 from eglib.models.base import StagedNet, StageInfo
@@ -221,6 +223,25 @@ def test_protocols_apply_the_guard_modes_and_the_poison_rate() -> None:
     assert high["mixed"]["asr"] == 0.0 and high["mixed"]["acc"] == 1.0
     modes = {mode for mode, _ in guard.modes_seen}
     assert modes == {"running", "batch"} and guard.eval_mode == "running"  # restored
+
+
+def test_a_runs_headline_metrics_are_per_sample_whatever_the_guards_mode() -> None:
+    """A guard left in 'batch' mode (EigenGuard(eval_mode='batch') is allowed) must not make a
+    run's ACC transductive while its ASR is per sample: ACC was measured in batches of 512."""
+    model, guard = _brightness_model(running=0.3, threshold=0.45)
+    guard.eval_mode = "batch"
+    # half dark (class 0), half bright (class 1): a batch mean of 0.55 sinks the bright ones
+    images = torch.cat([_flat(100, 51), _flat(100, 230)])
+    labels = torch.cat([torch.zeros(100), torch.ones(100)]).long()
+    trig = _Triggered(_flat(50, 204), torch.ones(50).long(), torch.zeros(50).long())
+    data = SimpleNamespace(test_images=images, test_labels=labels, triggered=trig)
+    cfg = SimpleNamespace(poison_rate=0.1, seed=0)
+    metrics = evaluate_run(model, cfg, data)  # type: ignore[arg-type]
+    assert metrics["acc"] == metrics["protocols"]["per_sample"]["acc"] == 1.0
+    assert metrics["protocols"]["pure"]["acc"] < 1.0  # the batch mode does differ here
+    assert _epoch_metrics(data)(model) == {"acc": 1.0, "asr": 1.0}  # type: ignore[arg-type]
+    no_attack = evaluate_run(model, cfg, SimpleNamespace(**{**vars(data), "triggered": None}))
+    assert no_attack == {"acc": 1.0} and guard.eval_mode == "batch"  # and restored
 
 
 def test_per_sample_protocol_independent_of_batching() -> None:

@@ -160,6 +160,11 @@ def test_detection_report_perfect_reversed_and_no_poison() -> None:
     assert math.isnan(empty["auroc"]) and math.isnan(empty["tpr"]) and "no poison" in empty["note"]
     with pytest.raises(ValueError, match="removed_mask"):
         detection_report(scores, poison, torch.ones(3, dtype=torch.bool))
+    mask = torch.tensor([False, False, False, True, True])  # the same poison, as a mask
+    with pytest.raises(ValueError, match="integer indices; got torch.bool"):
+        detection_report(scores, mask, removed)  # read as indices 0 and 1, it was wrong
+    with pytest.raises(ValueError, match="integer indices; got torch.float32"):
+        detection_report(scores, poison.float(), removed)
 
 
 def test_detection_table_lays_out_rates_side_by_side() -> None:

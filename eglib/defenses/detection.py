@@ -90,7 +90,13 @@ def detection_report(
     if not torch.isfinite(scores).all():
         raise ValueError("scores must be finite (no NaN or inf)")
     poison = torch.zeros(n, dtype=torch.bool)
-    idx = torch.as_tensor(poison_idx, dtype=torch.long).reshape(-1).cpu()
+    idx = torch.as_tensor(poison_idx).reshape(-1).cpu()
+    if idx.numel() and (idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex()):
+        raise ValueError(
+            f"poison_idx must hold integer indices; got {idx.dtype} (a boolean mask: pass "
+            "mask.nonzero().reshape(-1))"
+        )
+    idx = idx.long()
     if idx.numel() and (idx.min() < 0 or idx.max() >= n):
         raise ValueError(f"poison_idx out of range for {n} samples: [{idx.min()}, {idx.max()}]")
     poison[idx] = True

@@ -211,12 +211,13 @@ def capture_features(
     batch_size: int = 256,
     device: str | torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Features (float32, CPU, shape (N, C, H, W)) that the stage after each named stage sees.
+    """Features (float32, CPU, shape (N, C, H, W)) that the stage after each named stage sees
+    ('penultimate': the map the classifier pools, see `StagedNet.feature_module`).
 
-    Hooks `model.stage_output_module(name)` (the guard after a stage when there is one), runs
+    Hooks `model.feature_module(name)` (the guard after a stage when there is one), runs
     the model in eval mode without gradients and restores its train/eval mode afterwards; the
     forward pass stops once every requested stage has been seen. `device` None: the model's
-    device; otherwise the model is moved there. Unknown stage -> KeyError listing the valid ones.
+    device; otherwise the model is moved there. Unknown name -> KeyError listing the valid ones.
     """
     names = list(dict.fromkeys(stages))
     if not names:
@@ -228,7 +229,7 @@ def capture_features(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}; must be >= 1")
-    modules = {name: model.stage_output_module(name) for name in names}
+    modules = {name: model.feature_module(name) for name in names}
     dev = model_device(model) if device is None else torch.device(device)
     model.to(dev)
     current: dict[str, torch.Tensor] = {}

@@ -30,6 +30,7 @@ from eglib.defenses.detection import (
 )
 from eglib.defenses.filtering import remove_top_fraction
 from eglib.defenses.nad import attention_loss, stage_outputs
+from eglib.models import make_model
 from eglib.models.base import StagedNet, StageInfo
 from eglib.train import TrainSettings, train_model
 
@@ -187,6 +188,22 @@ def test_detection_table_lays_out_rates_side_by_side() -> None:
     ]
     assert rows[0]["auroc@1%"] == pytest.approx(0.8)  # two seeds averaged
     assert math.isnan(rows[0]["auroc@10%"]) and rows[1]["auroc@10%"] == 0.5
+
+
+@pytest.mark.parametrize("model_name", ["cnn-small", "preact-resnet18", "mobilenetv2"])
+def test_filters_score_what_the_classifier_reads(model_name: str) -> None:
+    """SS, SPECTRE and AC score the penultimate representation, the final linear layer's
+    input: after the head's own BN-ReLU (pre-activation ResNet) or 1x1 conv-BN-ReLU6
+    (MobileNetV2), which the last stage's raw output (scored before) leaves out."""
+    model = make_model(model_name, num_classes=10, in_channels=1).eval()
+    images = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    read: list[torch.Tensor] = []
+    model.head[-1].register_forward_hook(lambda _m, inputs, _out: read.append(inputs[0]))
+    with torch.no_grad():
+        model(images.float() / 255)
+    for name in ("ss", "spectre", "ac"):
+        features = make_detector(name).features(model, images)
+        assert features.shape == read[0].shape and torch.allclose(features, read[0], atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,7 +467,7 @@ def test_unknown_names_list_the_allowed_ones() -> None:
     with pytest.raises(ValueError, match="unknown detector 'ft'; allowed"):
         make_detector("ft")
     model = tiny_net()
-    with pytest.raises(KeyError, match="valid stages"):
+    with pytest.raises(KeyError, match="unknown feature 'layer9'; valid: .*'penultimate'"):
         make_detector("ss", layer="layer9").features(
             model, torch.zeros(2, 1, 12, 12, dtype=torch.uint8)
         )

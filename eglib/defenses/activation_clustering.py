@@ -58,7 +58,7 @@ def two_means(X: np.ndarray, dims: int, reduce: str, seed: int) -> tuple[np.ndar
 class ActivationClustering(FilteringDefense):
     """Activation clustering: per label, 2-means on reduced activations; drop small clusters.
 
-    Train on the poisoned data; take the last stage's globally pooled activations; within
+    Train on the poisoned data; take the penultimate activations, globally pooled; within
     each label reduce them to `dims` components (FastICA as in the paper and BackdoorBench,
     or PCA) and split them into two clusters with k-means (sklearn, seeded). The smaller
     cluster is flagged as poison when its share of the label is below `size_threshold`
@@ -80,8 +80,9 @@ class ActivationClustering(FilteringDefense):
 
     Parameters (defaults): dims=10 and size_threshold=0.35 (Chen et al.; BackdoorBench
     `nb_dims: 10`, `nb_clusters: 2`; size_threshold=1 always flags the smaller cluster,
-    BackdoorBench's `cluster_analysis: smaller`), reduce='ica', seed=0, layer=None (last
-    stage), pool='mean', batch_size=256. Labels with fewer than 4 samples are not clustered.
+    BackdoorBench's `cluster_analysis: smaller`), reduce='ica', seed=0, layer=None
+    ('penultimate'), pool='mean', batch_size=256. Labels with fewer than 4 samples are not
+    clustered.
     """
 
     name = "ac"

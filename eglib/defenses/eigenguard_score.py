@@ -27,7 +27,7 @@ class EigenGuardScore(ScoreFilteringDefense):
     overall vs per label 0.49-0.52 vs 0.60-0.61 for BadNets at 1/5/10 %, 0.27-0.35 vs
     0.63-0.83 for Blend at 1/5 %), rate_guess=0.1, removal_factor=1.5, layer=None (default
     guard stage), pool='flatten' ('mean' averages over space first), batch_size=256. With
-    k=1 per label at the last stage pooled, this ranks samples exactly as spectral
+    k=1 per label on the penultimate features pooled, this ranks samples exactly as spectral
     signatures do. Memory: a group's flattened features and their SVD in float64
     (n x C*H*W) are held at once; use pool='mean' on big sets.
     """

@@ -20,7 +20,7 @@ from eglib.defenses.base import Defense, DefenseContext, DefenseOutcome
 from eglib.defenses.detection import Detection, detection_report
 from eglib.defenses.loops import poisoned_model, train_phase
 from eglib.defenses.params import check_choice, check_float, check_int, check_layer
-from eglib.models.base import StagedNet
+from eglib.models.base import PENULTIMATE, StagedNet
 from eglib.spectral import capture_features, top_coordinates
 
 POOLS: tuple[str, ...] = ("mean", "flatten")
@@ -91,14 +91,16 @@ def top_projection_norms(
 class FilteringDefense(Defense):
     """Base of the data-filtering defences (see the module docstring).
 
-    Parameters: `layer` (stage whose output is scored; None: the class default, the last
-    stage or the model's `default_guard_stage`), `pool` ('mean' or 'flatten'),
+    Parameters: `layer` (the feature scored: a stage's output or 'penultimate', see
+    `StagedNet.feature_module`; None: the class default, 'penultimate' (the representation
+    the classifier reads, which the papers score) or the model's `default_guard_stage`),
+    `pool` ('mean' or 'flatten'),
     `batch_size` (feature capture). Subclasses call `super().__init__` with these.
     """
 
     stage = "data"
     starts_from_poisoned_model = True
-    default_layer: ClassVar[Literal["last", "guard"]] = "last"
+    default_layer: ClassVar[Literal["penultimate", "guard"]] = "penultimate"
 
     def __init__(self, *, layer: str | None, pool: str, batch_size: int = 256) -> None:
         self.layer = check_layer("layer", layer)
@@ -106,14 +108,14 @@ class FilteringDefense(Defense):
         self.batch_size = check_int("batch_size", batch_size, 1)
 
     def resolve_layer(self, model: StagedNet) -> str:
-        """The stage scored on `model` (KeyError listing the valid stages if unknown)."""
+        """The feature scored on `model` (KeyError listing the valid ones if unknown)."""
         if self.layer is not None:
             name = self.layer
-        elif self.default_layer == "last":
-            name = model.stages[-1]
+        elif self.default_layer == "penultimate":
+            name = PENULTIMATE
         else:
             name = model.default_guard_stage
-        model.stage(name)
+        model.feature_module(name)
         return name
 
     def feature_key(self, model: StagedNet) -> tuple[str, str]:

@@ -15,14 +15,14 @@ from eglib.defenses.filtering import ScoreFilteringDefense, top_projection_norms
 class SpectralSignatures(ScoreFilteringDefense):
     """Spectral signatures: per label, the squared projection on the top singular direction.
 
-    Train on the poisoned data; take the penultimate representation (the last stage's output,
-    globally average-pooled: (N, C)); within each label centre the features and score each
+    Train on the poisoned data; take the penultimate representation (the map the classifier
+    pools, globally average-pooled: (N, C)); within each label centre the features and score each
     sample by its squared projection on the top right-singular vector of that matrix; remove
     the top `removal_factor * rate_guess` fraction of every label; retrain a fresh model.
 
     Parameters (defaults): rate_guess=0.1 (the defender's guess of the poison fraction; the
     paper's epsilon), removal_factor=1.5 (the paper removes 1.5 epsilon per label; with 0.1
-    this is BackdoorBench's `percentile: 85`), layer=None (the last stage), pool='mean',
+    this is BackdoorBench's `percentile: 85`), layer=None ('penultimate'), pool='mean',
     batch_size=256 (feature capture only). The score assumes the poison is a minority of its
     label: when it is the majority (all-to-one at 10 % on 10 classes), the top direction
     still separates the groups but the centre lies between them, and removing 15 % of the

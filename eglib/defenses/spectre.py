@@ -46,7 +46,7 @@ def que_scores(Z: np.ndarray, alpha: float) -> np.ndarray:
 class Spectre(ScoreFilteringDefense):
     """SPECTRE: per label, PCA to `dim` dims, robust whitening, QUE scores; remove the top.
 
-    Train on the poisoned data; take the last stage's globally pooled features; within each
+    Train on the poisoned data; take the penultimate features, globally pooled; within each
     label project the centred features on their top `dim` principal axes, whiten them with
     a robust mean and covariance, and score every sample with QUE (alpha=4, the paper's
     value); remove the top `removal_factor * rate_guess` fraction of every label (the paper
@@ -54,8 +54,8 @@ class Spectre(ScoreFilteringDefense):
 
     Parameters (defaults): rate_guess=0.1, removal_factor=1.5 (as SS), dim=32 (the paper
     picks the dimension from a grid; we fix it, capped per label at (n - 1) // 2 so the
-    robust fit has enough rows), alpha=4.0, seed=0 (MinCovDet's subsets), layer=None (last
-    stage), pool='mean', batch_size=256. Adaptation: the paper's robust estimator (tuned to
+    robust fit has enough rows), alpha=4.0, seed=0 (MinCovDet's subsets), layer=None
+    ('penultimate'), pool='mean', batch_size=256. Adaptation: the paper's robust estimator (tuned to
     the guessed epsilon) is replaced by sklearn's MinCovDet, whose breakdown point is about
     50 %: when the poison is the majority of its label (all-to-one at 10 %), the "robust"
     statistics describe the poison and the clean samples become the outliers. Labels with

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+PENULTIMATE = "penultimate"  # a feature name beside the stages': what the classifier pools
+
 
 @dataclass(frozen=True)
 class StageInfo:
@@ -40,6 +42,8 @@ class StagedNet(nn.Module):
         super().__init__()
         if [s.name for s in stage_info] != list(stages):
             raise ValueError("stage_info names must match the stages, in order")
+        if PENULTIMATE in stages:
+            raise ValueError(f"no stage may be called {PENULTIMATE!r}: it names a feature")
         self.body = nn.ModuleDict(stages)
         self.head = head
         self.guards = nn.ModuleDict()
@@ -69,6 +73,19 @@ class StagedNet(nn.Module):
         """The module whose output the next stage sees: the guard after `name`, else the stage."""
         stage = self.stage(name)
         return self.guards[name] if name in self.guards else stage
+
+    def feature_module(self, name: str) -> nn.Module:
+        """The module whose output is feature `name`: a stage's output as the next stage sees
+        it (`stage_output_module`), or 'penultimate', the map the classifier pools: the head's
+        own last layer before its pooling when it has any (a pre-activation ResNet's BN-ReLU,
+        MobileNetV2's 1x1 conv), else the last stage's output. Unknown name -> KeyError."""
+        if name != PENULTIMATE:
+            if name not in self.body:
+                raise KeyError(f"unknown feature {name!r}; valid: {[*self.stages, PENULTIMATE]}")
+            return self.stage_output_module(name)
+        layers = list(self.head.children())
+        pool = next((i for i, m in enumerate(layers) if isinstance(m, nn.AdaptiveAvgPool2d)), 0)
+        return layers[pool - 1] if pool > 0 else self.stage_output_module(self.stages[-1])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Run every stage (and guard) in order; return the last stage's output."""

@@ -289,6 +289,8 @@ def choose_default(
     """The data-driven default filter: among guarded configurations whose mean ACC under
     `protocol` is within `max_acc_drop` (2 points) of the undefended model's, the one with
     the lowest mean ASR under `protocol`; ties go to the higher ACC, then the smaller k.
+    The rows' metrics are test-set metrics (the study holds out no validation split), so the
+    choice's own ACC and ASR are optimistic estimates.
 
     `rows`: study rows (`variant` ('none' for the undefended run), `k`, `tail_scale`,
     `acc_<protocol>`, `asr_<protocol>`), any number of seeds each. Returns a dict with

@@ -171,7 +171,7 @@ def test_capture_features_stops_before_the_head_and_validates() -> None:
     model = _tiny_net()
     model.head.register_forward_hook(lambda *_: pytest.fail("head ran"))
     capture_features(model, _images(3), ["linear"])
-    with pytest.raises(KeyError, match=r"unknown stage 'nope'.*'linear'"):
+    with pytest.raises(KeyError, match=r"unknown feature 'nope'.*'linear'"):
         capture_features(model, _images(3), ["nope"])
     with pytest.raises(ValueError, match="uint8"):
         capture_features(model, _images(3).float(), ["linear"])

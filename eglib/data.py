@@ -505,9 +505,10 @@ def _to_tensors(
 
 
 def take_subset(
-    images: torch.Tensor, labels: torch.Tensor, size: int | None, seed: int
+    images: torch.Tensor, labels: torch.Tensor, size: int | None, seed: int, name: str = "size"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded, class-stratified subset of `size` samples (None: everything), in original order.
+    """A seeded, class-stratified subset of `size` samples (None: everything), in original order
+    (`name`: what errors call `size`).
 
     Every class gets an equal share as far as possible: a class with fewer samples than its
     share gives all it has and the rest is spread over the others (the larger classes get the
@@ -519,7 +520,7 @@ def take_subset(
     if size is None:
         return images, labels
     if not 1 <= size <= n:
-        raise ValueError(f"size={size}; must be None or in [1, {n}]")
+        raise ValueError(f"{name}={size}; must be None or in [1, {n}]")
     classes, inverse, counts = torch.unique(labels.cpu(), return_inverse=True, return_counts=True)
     alloc = torch.zeros_like(counts)
     remaining = size

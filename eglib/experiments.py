@@ -41,15 +41,32 @@ TRAIN_LOCK = "train.lock"  # held while a process loads or trains the run
 Params = tuple[tuple[str, Any], ...]
 
 
+def _frozen_value(name: str, value: Any) -> Any:
+    """`value` with its lists as tuples (a YAML or JSON grid, or a record, gives a tuple
+    parameter as a list); ValueError naming `name` if it is still unhashable (a dict)."""
+    if isinstance(value, list | tuple):
+        value = tuple(_frozen_value(name, v) for v in value)
+    try:
+        hash(value)
+    except TypeError:
+        raise ValueError(
+            f"parameter {name}={value!r} is not hashable; use numbers, strings or lists"
+        ) from None
+    return value
+
+
 def _freeze(params: dict[str, Any] | Params | None) -> Params:
     """Parameters as a sorted tuple of pairs, so configs stay hashable and order-free."""
     items = params.items() if isinstance(params, dict) else (params or ())
-    return tuple(sorted((str(k), v) for k, v in items))
+    return tuple(sorted((str(k), _frozen_value(str(k), v)) for k, v in items))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ExperimentConfig:
-    """Everything that determines a run; two equal configs give the same record and model."""
+    """Everything that determines a run; two equal configs give the same record and model.
+
+    Equal means equal cache keys (`key`): 1 and 1.0 in a parameter are told apart, as their
+    keys are, and the float fields are stored as floats (lr=1 is lr=1.0)."""
 
     dataset: str = "fashion-mnist"
     model: str = "cnn-small"
@@ -76,6 +93,8 @@ class ExperimentConfig:
         object.__setattr__(self, "attack_params", _freeze(self.attack_params))
         object.__setattr__(self, "defense_params", _freeze(self.defense_params))
         object.__setattr__(self, "track_stages", tuple(self.track_stages))
+        for name in ("poison_rate", "lr", "clean_reserve"):
+            object.__setattr__(self, name, float(getattr(self, name)))
         if self.attack is not None and not 0.0 < self.poison_rate <= 1.0:
             raise ValueError(f"poison_rate={self.poison_rate}; must be in (0, 1]")
         if not 0.0 <= self.clean_reserve < 0.5:
@@ -122,6 +141,12 @@ class ExperimentConfig:
     def key(self) -> str:
         """The cache key: a hash of the config and the record format version."""
         return config_hash({"config": self.to_dict(), "version": RECORD_VERSION})
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ExperimentConfig) and self.key() == other.key()
+
+    def __hash__(self) -> int:
+        return hash(self.key())
 
 
 def _check_field_names(data: dict[str, Any]) -> None:
@@ -213,8 +238,10 @@ def prepare_data(cfg: ExperimentConfig) -> ExperimentData:
         raise ValueError(
             f"target={cfg.target}; {cfg.dataset} has classes 0..{info.num_classes - 1}"
         )
-    train_x, train_y = take_subset(*load_dataset(cfg.dataset, "train"), cfg.train_size, cfg.seed)
-    test_x, test_y = take_subset(*load_dataset(cfg.dataset, "test"), cfg.test_size, cfg.seed)
+    train = load_dataset(cfg.dataset, "train")
+    train_x, train_y = take_subset(*train, cfg.train_size, cfg.seed, name="train_size")
+    test = load_dataset(cfg.dataset, "test")
+    test_x, test_y = take_subset(*test, cfg.test_size, cfg.seed, name="test_size")
     n_reserve = round(cfg.clean_reserve * len(train_y))
     order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(cfg.seed + 1))
     reserve, rest = order[:n_reserve].sort().values, order[n_reserve:].sort().values
@@ -474,7 +501,7 @@ def _train_run(
             "n_train": len(data.train_labels),
         },
         "timings": {"train_s": train_seconds, "eval_s": time.perf_counter() - start},
-        "environment": environment_info(),
+        "environment": environment_info(dev),
     }
     json.dumps(record)  # fails loudly here, not in the cache, if anything is not plain data
     if cache:

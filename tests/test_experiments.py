@@ -62,6 +62,29 @@ def test_from_dict_names_unknown_keys() -> None:
         ExperimentConfig.from_dict({"colour": "red"})
 
 
+def test_list_parameters_freeze_and_equal_configs_share_a_key() -> None:
+    """A grid file or a record gives tuple parameters as lists: they froze as lists, so the
+    config could not be hashed (sweeps died in a set). Equality follows the cache key, so
+    two configs are one run exactly when they share a folder."""
+    listed = ExperimentConfig(attack_params={"color": [255], "location": [0, 0]}, **TINY)
+    tupled = ExperimentConfig(attack_params={"color": (255,), "location": (0, 0)}, **TINY)
+    assert hash(listed) == hash(tupled) and listed == tupled and listed.key() == tupled.key()
+    assert ExperimentConfig.from_dict(json.loads(json.dumps(tupled.to_dict()))) == tupled
+    with pytest.raises(ValueError, match="parameter trigger=.*not hashable"):
+        ExperimentConfig(attack_params={"trigger": {"size": 3}}, **TINY)
+    assert (
+        ExperimentConfig(**{**TINY, "lr": 1}).key() == ExperimentConfig(**{**TINY, "lr": 1.0}).key()
+    )
+    ints = ExperimentConfig(defense_params={"tail_scale": 1}, **TINY)
+    floats = ExperimentConfig(defense_params={"tail_scale": 1.0}, **TINY)
+    assert ints.key() != floats.key() and ints != floats and len({ints, floats}) == 2
+
+
+def test_data_size_errors_name_the_field(tiny_fashion) -> None:
+    with pytest.raises(ValueError, match="test_size=20000; must be None or in"):
+        prepare_data(ExperimentConfig(**{**TINY, "test_size": 20000}))
+
+
 def test_from_profile_sizes_and_overrides() -> None:
     cfg = ExperimentConfig.from_profile("ci", attack="blend")
     assert (cfg.train_size, cfg.epochs) == (PROFILES["ci"].train_size, PROFILES["ci"].epochs)
@@ -80,6 +103,14 @@ def test_prepare_data_splits_reserve_and_poisons_only_training(tiny_fashion) -> 
 def test_prepare_data_rejects_a_target_outside_the_classes(tiny_fashion) -> None:
     with pytest.raises(ValueError, match="target=12"):
         prepare_data(ExperimentConfig(target=12, **TINY))
+
+
+def test_a_record_names_the_device_the_run_used(tiny_fashion, tmp_cache, monkeypatch) -> None:
+    """It named the default device (`EGLIB_DEVICE` or cuda when present) whatever `device`
+    the run was given; a CUDA default on a machine without it crashed after training."""
+    monkeypatch.setattr("eglib.io.default_device", lambda: torch.device("meta"))
+    record = run_experiment(ExperimentConfig(**TINY), device="cpu", progress=False).record
+    assert record["environment"]["device"] == "cpu"
 
 
 def test_run_records_protocols_and_is_cached(tiny_fashion, tmp_cache, monkeypatch) -> None:

@@ -126,6 +126,14 @@ BAD_PARAMS: list[tuple[str, dict[str, Any], str]] = [
     ("highrank", {"num_patterns": 0}, "num_patterns"),
     ("highrank", {"size": 0}, "size"),
     ("highrank", {"density": 0.0}, "density"),
+    # non-finite or non-integer values passed before and made garbage triggers silently
+    ("badnets", {"color": True}, "color"),
+    ("sig", {"f": math.nan}, "f=nan"),
+    ("lf", {"max_freq": math.nan}, "max_freq=nan"),
+    ("wanet", {"s": math.nan}, "s=nan"),
+    ("wanet", {"grid_rescale": math.inf}, "grid_rescale=inf"),
+    ("bpp", {"squeeze_num": 8.5}, "squeeze_num=8.5"),
+    ("refool", {"sigma_range": (1.0, math.inf)}, "sigma_range"),
 ]
 
 
@@ -142,6 +150,8 @@ def test_bad_parameters_raise(name: str, params: dict[str, Any], word: str) -> N
         ({"target": 10}, "target"),
         ({"label_policy": "some"}, "label_policy"),
         ({"num_classes": 1}, "num_classes"),
+        ({"target": 2.5}, "target=2.5"),  # was truncated to 2 for labels, not for the test set
+        ({"target": True}, "target=True"),
     ],
 )
 def test_bad_base_parameters_raise(name: str, params: dict[str, Any], word: str) -> None:
@@ -209,6 +219,13 @@ def test_poison_dataset_bad_rate(rate: float) -> None:
 def test_poison_dataset_bad_labels() -> None:
     with pytest.raises(ValueError, match="labels"):
         poison_dataset(random_images(20), class_labels(19), make_attack("badnets"), 0.1, 0)
+    labels = class_labels(20) * 4  # up to 36: not classes of a 10-class attack
+    with pytest.raises(ValueError, match=r"labels span \[0, 36\].*num_classes=10"):
+        poison_dataset(
+            random_images(20), labels, make_attack("badnets", label_policy="all-to-all"), 0.1, 0
+        )
+    with pytest.raises(ValueError, match="labels span"):
+        backdoor_testset(random_images(20), labels - 5, make_attack("badnets"), 0)
 
 
 def test_clean_label_rate_beyond_target_class_is_an_error() -> None:

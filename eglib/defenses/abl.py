@@ -9,8 +9,8 @@ from torch.nn import functional as F
 from eglib.defenses.base import Defense, DefenseContext, DefenseOutcome, register_defense
 from eglib.defenses.detection import detection_report
 from eglib.defenses.loops import LossFn, per_sample_loss, train_phase, tune
-from eglib.defenses.params import check_bool, check_float, check_int
 from eglib.models.base import StagedNet
+from eglib.params import check_bool, check_float, check_int
 
 
 def lga_loss(gamma: float) -> LossFn:

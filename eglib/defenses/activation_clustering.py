@@ -15,7 +15,7 @@ from sklearn.exceptions import ConvergenceWarning
 from eglib.defenses.base import register_defense
 from eglib.defenses.detection import Detection
 from eglib.defenses.filtering import FilteringDefense, check_features, label_groups
-from eglib.defenses.params import check_choice, check_float, check_int
+from eglib.params import check_choice, check_float, check_int
 
 REDUCTIONS: tuple[str, ...] = ("ica", "pca")
 

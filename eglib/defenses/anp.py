@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 from eglib.data import iterate_batches, to_float
 from eglib.defenses.base import Defense, DefenseContext, DefenseOutcome, register_defense
 from eglib.defenses.loops import clean_reserve, poisoned_model
-from eglib.defenses.params import check_float, check_int
 from eglib.evaluate import accuracy
 from eglib.models.base import StagedNet
+from eglib.params import check_float, check_int
 
 
 class NeuronPerturbation:

@@ -8,7 +8,7 @@ import torch
 
 from eglib.defenses.base import register_defense
 from eglib.defenses.filtering import ScoreFilteringDefense, top_projection_norms
-from eglib.defenses.params import check_bool, check_int
+from eglib.params import check_bool, check_int
 
 
 @register_defense

@@ -19,8 +19,8 @@ import torch
 from eglib.defenses.base import Defense, DefenseContext, DefenseOutcome
 from eglib.defenses.detection import Detection, detection_report
 from eglib.defenses.loops import poisoned_model, train_phase
-from eglib.defenses.params import check_choice, check_float, check_int, check_layer
 from eglib.models.base import PENULTIMATE, StagedNet
+from eglib.params import check_choice, check_float, check_int, check_layer
 from eglib.spectral import capture_features, top_coordinates
 
 POOLS: tuple[str, ...] = ("mean", "flatten")

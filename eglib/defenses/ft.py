@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from eglib.defenses.base import Defense, DefenseContext, DefenseOutcome, register_defense
 from eglib.defenses.loops import clean_reserve, poisoned_model
-from eglib.defenses.params import check_bool, check_float, check_int
 from eglib.models.base import StagedNet
+from eglib.params import check_bool, check_float, check_int
 from eglib.train import TrainSettings, train_model
 
 

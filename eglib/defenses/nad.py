@@ -14,8 +14,8 @@ from torch.nn import functional as F
 from eglib.defenses.base import Defense, DefenseContext, DefenseOutcome, register_defense
 from eglib.defenses.ft import fine_tune
 from eglib.defenses.loops import clean_reserve, poisoned_model, tune
-from eglib.defenses.params import check_bool, check_float, check_int
 from eglib.models.base import StagedNet
+from eglib.params import check_bool, check_float, check_int
 from eglib.train import TrainSettings
 
 

@@ -11,7 +11,7 @@ from sklearn.covariance import MinCovDet
 
 from eglib.defenses.base import register_defense
 from eglib.defenses.filtering import ScoreFilteringDefense, label_groups
-from eglib.defenses.params import check_float, check_int
+from eglib.params import check_float, check_int
 from eglib.spectral import top_coordinates
 
 

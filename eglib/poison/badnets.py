@@ -46,7 +46,8 @@ class BadNets(Attack):
         elif len(location) != 2 or min(location) < 0:
             raise ValueError(f"location={location!r}; a (row, col) must have 2 values >= 0")
         colors = (color,) if isinstance(color, int) else tuple(color)
-        if len(colors) not in (1, 3) or not all(0 <= c <= 255 for c in colors):
+        valid = (isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in colors)
+        if len(colors) not in (1, 3) or not all(valid):
             raise ValueError(f"color={color!r}; allowed: 1 or 3 values in [0, 255]")
         self.size = size
         self.location = location if isinstance(location, str) else tuple(location)

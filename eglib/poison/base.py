@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from eglib.params import check_int
 from eglib.registry import add_entry, lookup
 
 LabelPolicy = Literal["all-to-one", "all-to-all"]
@@ -35,9 +36,8 @@ class Attack(ABC):
     ) -> None:
         if label_policy not in LABEL_POLICIES:
             raise ValueError(f"label_policy={label_policy!r}; allowed: {LABEL_POLICIES}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes={num_classes}; must be >= 2")
-        if not 0 <= target < num_classes:
+        check_int("num_classes", num_classes, 2)
+        if check_int("target", target, 0) >= num_classes:
             raise ValueError(f"target={target}; must be in [0, {num_classes - 1}]")
         if self.clean_label and label_policy != "all-to-one":
             raise ValueError(f"{self.name} is clean-label: label_policy must be 'all-to-one'")

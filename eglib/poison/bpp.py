@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from eglib.config import torch_threads
+from eglib.params import check_int
 from eglib.poison.base import Attack, register_attack
 from eglib.poison.ops import check_images, to_uint8
 
@@ -76,7 +77,7 @@ class Bpp(Attack):
 
     def __init__(self, *, squeeze_num: int = 8, dithering: bool = True, **base: Any) -> None:
         super().__init__(**base)
-        if not 2 <= squeeze_num <= 255:
+        if check_int("squeeze_num", squeeze_num, 2) > 255:
             raise ValueError(f"squeeze_num={squeeze_num}; must be in [2, 255]")
         self.squeeze_num = squeeze_num
         self.dithering = dithering

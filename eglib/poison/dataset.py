@@ -54,7 +54,7 @@ def poison_dataset(
     `needs_fit` and is not `fitted` is first fitted on (images, labels).
     Inputs are left unchanged; same inputs and seed give the same bytes.
     """
-    _check_data(images, labels)
+    _check_data(images, labels, attack.num_classes)
     if not 0 < rate <= 1:
         raise ValueError(f"rate={rate}; must be in (0, 1]")
     generator = torch.Generator().manual_seed(seed)
@@ -110,7 +110,7 @@ def backdoor_testset(
     samples, relabelled to the target; for all-to-all ones every sample, labelled y + 1 mod C.
     Seeded by `seed` (for attacks with random triggers). A learned attack must be fitted on
     training data first (ValueError otherwise: fitting here would use the test set)."""
-    _check_data(images, labels)
+    _check_data(images, labels, attack.num_classes)
     generator = torch.Generator().manual_seed(seed)
     if not attack.fitted:
         raise ValueError(
@@ -133,13 +133,19 @@ def backdoor_testset(
     )
 
 
-def _check_data(images: torch.Tensor, labels: torch.Tensor) -> None:
-    """Raise ValueError unless images are uint8 (N, C, H, W) and labels int64 (N,)."""
+def _check_data(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+    """Raise ValueError unless images are uint8 (N, C, H, W) and labels int64 (N,) in
+    [0, num_classes) (the attack's class count, which its label policy relies on)."""
     check_images(images)
     if labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
         raise ValueError(
             f"labels must be int64 of shape ({images.shape[0]},), got {labels.dtype} "
             f"{tuple(labels.shape)}"
+        )
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"labels span [{int(labels.min())}, {int(labels.max())}]; the attack has "
+            f"num_classes={num_classes}, so they must be in [0, {num_classes - 1}]"
         )
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from eglib.params import check_float
 from eglib.poison.base import Attack, register_attack
 from eglib.poison.ops import check_images, check_range, to_uint8
 from eglib.poison.patterns import lowpass_pattern
@@ -33,8 +34,7 @@ class LowFrequency(Attack):
     ) -> None:
         super().__init__(**base)
         check_range("amplitude", amplitude, 1e-6, 255.0)
-        if max_freq < 1:
-            raise ValueError(f"max_freq={max_freq}; must be >= 1 cycle per image")
+        check_float("max_freq", max_freq, low=1)  # cycles per image
         self.amplitude = amplitude
         self.max_freq = max_freq
         self.seed = seed

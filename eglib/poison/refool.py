@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from eglib.params import check_float
 from eglib.poison.base import Attack, register_attack
 from eglib.poison.ops import check_images, check_range, fit_images, gaussian_blur_matrices, to_uint8
 from eglib.poison.patterns import dead_leaves
@@ -60,8 +61,8 @@ class Refool(Attack):
         check_range("ghost_rate", ghost_rate, 0.0, 1.0)
         check_range("ghost_shift", ghost_shift, 0.0, 0.5)
         low, high = sigma_range
-        if not 0 < low <= high:
-            raise ValueError(f"sigma_range={sigma_range}; must be (low, high) with 0 < low <= high")
+        check_float("sigma_range[0]", low, low=0, low_open=True)
+        check_float("sigma_range[1]", high, low=low)
         if reflections is not None and (reflections.dtype != torch.uint8 or reflections.dim() != 4):
             raise ValueError(
                 f"reflections must be uint8 (R, C, h, w), got {reflections.dtype} "

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from eglib.params import check_float
 from eglib.poison.base import Attack, register_attack
 from eglib.poison.ops import check_images, check_range, to_uint8
 
@@ -30,8 +31,7 @@ class SIG(Attack):
     def __init__(self, *, delta: float = 20.0, f: float = 6.0, **base: Any) -> None:
         super().__init__(**base)
         check_range("delta", delta, 1e-6, 255.0)
-        if f <= 0:
-            raise ValueError(f"f={f}; must be > 0 (periods across the image width)")
+        check_float("f", f, low=0, low_open=True)  # periods across the image width
         self.delta = delta
         self.f = f
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from eglib.params import check_float, check_int
 from eglib.poison.base import Attack, register_attack
 from eglib.poison.ops import check_images, to_uint8
 
@@ -45,14 +46,10 @@ class WaNet(Attack):
         **base: Any,
     ) -> None:
         super().__init__(**base)
-        if k < 2:
-            raise ValueError(f"k={k}; the control grid needs k >= 2")
-        if s < 0:
-            raise ValueError(f"s={s}; must be >= 0")
-        if grid_rescale <= 0:
-            raise ValueError(f"grid_rescale={grid_rescale}; must be > 0")
-        if cross_ratio < 0:
-            raise ValueError(f"cross_ratio={cross_ratio}; must be >= 0")
+        check_int("k", k, 2)  # the control grid's size
+        check_float("s", s, low=0)
+        check_float("grid_rescale", grid_rescale, low=0, low_open=True)
+        check_float("cross_ratio", cross_ratio, low=0)
         self.k = k
         self.s = s
         self.grid_rescale = grid_rescale

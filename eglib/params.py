@@ -1,7 +1,9 @@
-"""Parameter checks the defences share: each raises ValueError naming the value and the rule."""
+"""Parameter checks the attacks and defences share: each raises ValueError naming the value
+and the rule."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 
@@ -21,8 +23,8 @@ def check_float(
     low_open: bool = False,
     high_open: bool = False,
 ) -> float:
-    """`value` as a float within [low, high] (open ends where asked); bools refused."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    """`value` as a finite float within [low, high] (open ends where asked); bools refused."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low  # type: ignore[operator]
     if ok and high is not None:
@@ -32,7 +34,7 @@ def check_float(
         right = ")" if high_open else "]"
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high
-        raise ValueError(f"{name}={value!r}; must be a number in {left}{lo}, {hi}{right}")
+        raise ValueError(f"{name}={value!r}; must be a finite number in {left}{lo}, {hi}{right}")
     return float(value)  # type: ignore[arg-type]
 
 

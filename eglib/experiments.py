@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 import warnings
@@ -186,6 +187,15 @@ def run_dir(cfg: ExperimentConfig) -> Path:
     return egconfig.cache_dir() / "runs" / cfg.key()
 
 
+def _changed(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """{name: (recorded, current)} for every parameter whose values differ."""
+    return {
+        name: (recorded.get(name), current.get(name))
+        for name in sorted(set(current) | set(recorded))
+        if recorded.get(name) != current.get(name)
+    }
+
+
 def stale_defense_params(cfg: ExperimentConfig, record: dict[str, Any]) -> dict[str, Any]:
     """{param: (recorded, current)} where a cached run's resolved defence parameters differ
     from those `cfg` resolves to now; empty when they agree or the record names none.
@@ -195,29 +205,46 @@ def stale_defense_params(cfg: ExperimentConfig, record: dict[str, Any]) -> dict[
     if "params" not in record.get("defense", {}):
         return {}
     current = recorded_params(cfg.defense, dict(cfg.defense_params))
-    recorded = record["defense"]["params"]
-    return {
-        name: (recorded.get(name), current.get(name))
-        for name in sorted(set(current) | set(recorded))
-        if recorded.get(name) != current.get(name)
-    }
+    return _changed(record["defense"]["params"], current)
+
+
+@functools.lru_cache(maxsize=256)
+def _attack_params(attack: str, params: Params, target: int, num_classes: int) -> dict[str, Any]:
+    """The resolved parameters of the attack a run builds, as its record holds them."""
+    built = make_attack(attack, target=target, num_classes=num_classes, **dict(params))
+    return json.loads(json.dumps(built.params()))
+
+
+def stale_attack_params(cfg: ExperimentConfig, record: dict[str, Any]) -> dict[str, Any]:
+    """`stale_defense_params` for the attack: {param: (recorded, current)} where the cached
+    run's poisoning used other parameters (an attack default changed since)."""
+    if cfg.attack is None or not record.get("poison"):
+        return {}
+    num_classes = dataset_info(cfg.dataset).num_classes
+    current = _attack_params(cfg.attack, cfg.attack_params, cfg.target, num_classes)
+    return _changed(record["poison"]["params"], current)
 
 
 def cached_record(cfg: ExperimentConfig) -> dict[str, Any] | None:
     """The cached record of `cfg`'s finished run (written after its model), or None when
-    there is none or it was trained under other defence defaults (`stale_defense_params`)."""
+    there is none or it was trained under other defence or attack defaults
+    (`stale_defense_params`, `stale_attack_params`)."""
     path = run_dir(cfg) / RECORD_FILE
     if not path.exists():
         return None
     record = read_json(path)
-    stale = stale_defense_params(cfg, record)
-    if stale:
-        warnings.warn(
-            f"cached run {cfg.key()} ({cfg.defense}) was trained with other defence parameters "
-            f"(recorded, current): {stale}; it is not used and will be retrained",
-            stacklevel=2,
-        )
-        return None
+    for part, stale in (
+        ("defence", stale_defense_params(cfg, record)),
+        ("attack", stale_attack_params(cfg, record)),
+    ):
+        if stale:
+            warnings.warn(
+                f"cached run {cfg.key()} ({cfg.attack}, {cfg.defense}) was trained with other "
+                f"{part} parameters (recorded, current): {stale}; it is not used and will be "
+                "retrained",
+                stacklevel=2,
+            )
+            return None
     return record
 
 

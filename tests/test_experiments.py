@@ -28,10 +28,13 @@ from eglib.experiments import (
     record_row,
     run_dir,
     run_experiment,
+    stale_attack_params,
     stale_defense_params,
 )
 from eglib.guard import EigenGuard
 from eglib.io import write_json_atomic
+from eglib.poison import make_attack
+from eglib.poison.badnets import BadNets
 
 TINY = dict(epochs=1, batch_size=32, train_size=None, test_size=None, lr=0.05)
 
@@ -181,6 +184,19 @@ def test_a_changed_guard_default_makes_an_eigenguard_record_stale(monkeypatch) -
     defaults[2] = 0.001  # tail_scale
     monkeypatch.setattr(EigenGuard.__init__, "__defaults__", tuple(defaults))
     assert stale_defense_params(cfg, record) == {"tail_scale": (1.0, 0.001)}
+
+
+def test_a_changed_attack_default_makes_a_record_stale(monkeypatch) -> None:
+    """The table's configs name no attack parameters, so the key cannot tell a run poisoned
+    under an old default (here BadNets' patch size); the record's poison parameters do."""
+    cfg = ExperimentConfig(**TINY)  # BadNets with its defaults
+    attack = make_attack("badnets", target=cfg.target, num_classes=10)
+    record = {"poison": {"params": json.loads(json.dumps(attack.params()))}}
+    assert stale_attack_params(cfg, record) == {}
+    monkeypatch.setitem(BadNets.__init__.__kwdefaults__, "size", attack.size + 1)
+    experiments._attack_params.cache_clear()
+    assert stale_attack_params(cfg, record) == {"size": (attack.size, attack.size + 1)}
+    experiments._attack_params.cache_clear()
 
 
 def test_cli_train_prints_a_row(tiny_fashion, tmp_cache, capsys, monkeypatch) -> None:

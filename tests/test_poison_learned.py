@@ -144,6 +144,15 @@ def test_params_are_plain_and_record_fit_sizes(name: str) -> None:
     assert not any(k.startswith("_") for k in params)
 
 
+@pytest.mark.parametrize("name", LEARNED)
+def test_fitting_leaves_the_params_a_record_is_checked_against(
+    name: str, fitted: dict[str, FittedAttack]
+) -> None:
+    """A cached run is stale when its recorded attack parameters differ from a fresh
+    attack's (`eglib.experiments.stale_attack_params`): the fit must not add to them."""
+    assert fitted[name].fitted and fitted[name].params() == build(name).params()
+
+
 # ---- apply: format, determinism ---------------------------------------------------------
 
 

@@ -445,8 +445,8 @@ def test_studies_are_registered() -> None:
 
 
 def test_compare_to_undefended_ranks_within_the_acc_budget() -> None:
-    def row(attack: str, defense: str, acc: float, asr: float) -> dict[str, Any]:
-        out: dict[str, Any] = {"attack": attack, "defense": defense}
+    def row(attack: str, defense: str, acc: float, asr: float, n: int = 3) -> dict[str, Any]:
+        out: dict[str, Any] = {"attack": attack, "defense": defense, "n": n}
         for protocol in PROTOCOLS:
             out[f"acc_{protocol}"], out[f"asr_{protocol}"] = acc, asr
         out["asr_pure"] = asr / 2
@@ -454,7 +454,7 @@ def test_compare_to_undefended_ranks_within_the_acc_budget() -> None:
 
     table = [
         row("badnets", "none", 0.90, 0.99),
-        row("badnets", "eigenguard", 0.89, 0.40),
+        row("badnets", "eigenguard", 0.89, 0.40, n=1),  # one seed cached so far
         row("badnets", "ft", 0.80, 0.05),  # lowest ASR, but 10 ACC points lost
         row("badnets", "ss", 0.895, 0.60),
         row("blend", "eigenguard", 0.9, 0.1),  # no undefended blend row: left out
@@ -466,6 +466,7 @@ def test_compare_to_undefended_ranks_within_the_acc_budget() -> None:
         ("ss", 2, True),
     ]
     assert out[0]["d_asr"] == pytest.approx(-0.59) and out[0]["d_acc"] == pytest.approx(-0.01)
+    assert (out[0]["n"], out[0]["n_undefended"]) == (1, 3)  # the difference is not paired
     assert defence_table.compare_to_undefended(table, protocol="pure")[0]["asr"] == 0.2
     assert defence_table.compare_to_undefended(table, max_acc_drop=0.2)[1]["rank"] == 1
     with pytest.raises(ValueError, match="unknown protocol 'batch'"):

@@ -308,9 +308,11 @@ def compare_to_undefended(
 
     `table`: summary rows (`summary_rows`). One entry per (attack, defence other than
     'none'): acc, asr (means), d_acc and d_asr (change against no defence), within_budget
-    (ACC at most `max_acc_drop` below the undefended model's) and rank (by ASR, then ACC,
-    among the attack's defences within the budget; None outside it). Attacks without an
-    undefended row are left out.
+    (ACC at most `max_acc_drop` below the undefended model's), rank (by ASR, then ACC,
+    among the attack's defences within the budget; None outside it), and n / n_undefended,
+    the seeds each mean rests on: where they differ (a partial cache), d_acc and d_asr
+    compare means over different seeds, not paired runs. Attacks without an undefended row
+    are left out.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; allowed: {list(PROTOCOLS)}")
@@ -327,6 +329,8 @@ def compare_to_undefended(
                 "d_acc": r[acc] - ref[acc],
                 "d_asr": r[asr] - ref[asr],
                 "within_budget": r[acc] >= ref[acc] - max_acc_drop - 1e-9,
+                "n": r.get("n"),
+                "n_undefended": ref.get("n"),
             }
             for r in table
             if r["attack"] == attack and r["defense"] != "none"

@@ -233,13 +233,16 @@ def test_detection_table_from_hand_made_reports() -> None:
 def test_seed_rows_carry_a_filtering_defences_own_detection() -> None:
     ss = defence_table.table_config("ci", "badnets", "ss")
     none = defence_table.table_config("ci", "badnets", "none")
+    abl = defence_table.table_config("ci", "badnets", "abl")
     rows = defence_table.seed_rows(
         [
             _record(ss, 0.9, 0.1, info={"detection": _detection(0.9, 0.7, 0.1)}),
             _record(none, 0.9, 1),
+            _record(abl, 0.2, 0.3, info={"isolation": _detection(0.8, 0.01, 0.0)}),
         ]
     )
     assert rows[0]["det_auroc"] == 0.9 and "det_auroc" not in rows[1]
+    assert rows[2]["det_auroc"] == 0.8  # ABL's isolation, which the README quotes
 
 
 def test_detector_reports_refuse_a_defended_or_clean_run() -> None:

@@ -240,14 +240,16 @@ def detector_reports(cfg: ExperimentConfig, detectors: Sequence[str]) -> list[di
 
 
 def detection_report_of(record: dict[str, Any]) -> dict[str, Any] | None:
-    """The detection metrics a data-filtering defence put into its record (None for others)."""
+    """The detection metrics a data-filtering defence put into its record, or ABL's of its
+    isolation (precision: the poison's share of the isolated samples); None for others."""
     info = record.get("defense", {}).get("info") or {}
-    report = info.get("detection")
+    report = info.get("detection", info.get("isolation"))
     return report if isinstance(report, dict) else None
 
 
 def seed_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One flat row per run (`record_row`), plus `det_<metric>` for data-filtering defences."""
+    """One flat row per run (`record_row`), plus `det_<metric>` for data-filtering defences
+    and ABL (`detection_report_of`)."""
     rows = []
     for record in records:
         row = record_row(record)

@@ -9,9 +9,10 @@ import torch
 from eglib.data import to_float
 from eglib.models import MODELS, list_models, make_model
 from eglib.models.base import StagedNet
+from eglib.params import check_float
 from eglib.poison._fitted import FittedAttack, State, load_module_state, module_state
 from eglib.poison._pgd import pgd_away
-from eglib.poison.ops import check_range, to_uint8
+from eglib.poison.ops import to_uint8
 from eglib.train import TrainSettings, train_model
 
 
@@ -54,8 +55,8 @@ class SurrogateAttack(FittedAttack):
         **base: Any,
     ) -> None:
         super().__init__(**base)
-        check_range("eps", eps, 0.0, 255.0)
-        check_range("step_size", step_size, 0.0, 255.0)
+        check_float("eps", eps, low=0.0, high=255.0)
+        check_float("step_size", step_size, low=0.0, high=255.0)
         if steps < 1:
             raise ValueError(f"steps={steps}; must be >= 1")
         if surrogate_epochs < 1:

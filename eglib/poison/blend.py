@@ -6,8 +6,9 @@ from typing import Any
 
 import torch
 
+from eglib.params import check_float
 from eglib.poison.base import Attack, register_attack
-from eglib.poison.ops import check_images, check_range, fit_images, to_uint8
+from eglib.poison.ops import check_images, fit_images, to_uint8
 from eglib.poison.patterns import cloud_image
 
 
@@ -31,7 +32,7 @@ class Blend(Attack):
         self, *, alpha: float = 0.2, seed: int = 0, pattern: torch.Tensor | None = None, **base: Any
     ) -> None:
         super().__init__(**base)
-        check_range("alpha", alpha, 0.0, 1.0)
+        check_float("alpha", alpha, low=0.0, high=1.0)
         if alpha == 0:
             raise ValueError("alpha=0 leaves no trigger; must be in (0, 1]")
         if pattern is not None and (pattern.dtype != torch.uint8 or pattern.dim() != 3):

@@ -6,8 +6,9 @@ from typing import Any
 
 import torch
 
+from eglib.params import check_float
 from eglib.poison.base import Attack, register_attack
-from eglib.poison.ops import check_images, check_range
+from eglib.poison.ops import check_images
 
 
 @register_attack
@@ -41,7 +42,7 @@ class HighRank(Attack):
             raise ValueError(f"num_patterns={num_patterns}; must be >= 1")
         if size < 1:
             raise ValueError(f"size={size}; must be >= 1")
-        check_range("density", density, 1e-6, 1.0)
+        check_float("density", density, low=1e-6, high=1.0)
         self.num_patterns = num_patterns
         self.size = size
         self.density = density

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from eglib.config import default_device
 from eglib.data import iterate_batches, to_float
 from eglib.models import MODELS, list_models, make_model
+from eglib.params import check_float
 from eglib.poison._fitted import (
     FittedAttack,
     State,
@@ -22,7 +23,7 @@ from eglib.poison._fitted import (
     seeded,
 )
 from eglib.poison.base import register_attack
-from eglib.poison.ops import check_images, check_range, to_uint8
+from eglib.poison.ops import check_images, to_uint8
 
 _EPS = 1e-7  # the reference's EPSILON: keeps divisions and the output squashing finite
 
@@ -175,13 +176,13 @@ class InputAware(FittedAttack):
             raise ValueError(f"width={width}; allowed: None (16 gray / 32 colour) or >= 1")
         if classifier not in MODELS:
             raise ValueError(f"classifier={classifier!r}; allowed: {list_models()}")
-        check_range("mask_density", mask_density, 0.0, 1.0)
-        check_range("fit_rate", fit_rate, 1e-6, 0.5)
-        check_range("cross_ratio", cross_ratio, 0.0, 4.0)
+        check_float("mask_density", mask_density, low=0.0, high=1.0)
+        check_float("fit_rate", fit_rate, low=1e-6, high=0.5)
+        check_float("cross_ratio", cross_ratio, low=0.0, high=4.0)
         for label, value in (("lambda_norm", lambda_norm), ("lambda_div", lambda_div)):
-            check_range(label, value, 0.0, 1e6)
+            check_float(label, value, low=0.0, high=1e6)
         for label, value in (("lr_g", lr_g), ("lr_m", lr_m), ("lr_c", lr_c)):
-            check_range(label, value, 1e-8, 1.0)
+            check_float(label, value, low=1e-8, high=1.0)
         if mask_epochs < 0:
             raise ValueError(f"mask_epochs={mask_epochs}; must be >= 0")
         for label, count in (("fit_epochs", fit_epochs), ("batch_size", batch_size)):

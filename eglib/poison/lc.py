@@ -6,10 +6,11 @@ from typing import Any
 
 import torch
 
+from eglib.params import check_float
 from eglib.poison._fitted import check_labelled
 from eglib.poison._surrogate import SurrogateAttack
 from eglib.poison.base import register_attack
-from eglib.poison.ops import check_images, check_range
+from eglib.poison.ops import check_images
 
 LAYOUTS = ("all-corners", "bottom-right")
 
@@ -64,7 +65,7 @@ class LabelConsistent(SurrogateAttack):
         super().__init__(**rest)
         if layout not in LAYOUTS:
             raise ValueError(f"layout={layout!r}; allowed: {LAYOUTS}")
-        check_range("amplitude", amplitude, 0.0, 1.0)
+        check_float("amplitude", amplitude, low=0.0, high=1.0)
         self.layout = layout
         self.amplitude = float(amplitude)
 

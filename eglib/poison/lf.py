@@ -8,7 +8,7 @@ import torch
 
 from eglib.params import check_float
 from eglib.poison.base import Attack, register_attack
-from eglib.poison.ops import check_images, check_range, to_uint8
+from eglib.poison.ops import check_images, to_uint8
 from eglib.poison.patterns import lowpass_pattern
 
 
@@ -33,7 +33,7 @@ class LowFrequency(Attack):
         self, *, amplitude: float = 20.0, max_freq: float = 3.0, seed: int = 0, **base: Any
     ) -> None:
         super().__init__(**base)
-        check_range("amplitude", amplitude, 1e-6, 255.0)
+        check_float("amplitude", amplitude, low=1e-6, high=255.0)
         check_float("max_freq", max_freq, low=1)  # cycles per image
         self.amplitude = amplitude
         self.max_freq = max_freq

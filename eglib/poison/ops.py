@@ -19,12 +19,6 @@ def check_images(images: torch.Tensor) -> None:
         raise ValueError(f"images have {images.shape[1]} channels; allowed: 1 or 3")
 
 
-def check_range(name: str, value: float, low: float, high: float) -> None:
-    """Raise ValueError unless low <= value <= high (the message names the parameter)."""
-    if not low <= value <= high:
-        raise ValueError(f"{name}={value}; must be in [{low}, {high}]")
-
-
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Round float pixel values in [0, 255] units to the nearest integer (ties to even), clip."""
     return images.round().clamp_(0, 255).to(torch.uint8)

@@ -8,7 +8,7 @@ import torch
 
 from eglib.params import check_float
 from eglib.poison.base import Attack, register_attack
-from eglib.poison.ops import check_images, check_range, fit_images, gaussian_blur_matrices, to_uint8
+from eglib.poison.ops import check_images, fit_images, gaussian_blur_matrices, to_uint8
 from eglib.poison.patterns import dead_leaves
 
 GAMMA = 2.2  # images are mixed in linear light, as in the Refool code: v -> v ** 2.2
@@ -57,9 +57,9 @@ class Refool(Attack):
         **base: Any,
     ) -> None:
         super().__init__(**base)
-        check_range("alpha", alpha, 1e-6, 1.0)
-        check_range("ghost_rate", ghost_rate, 0.0, 1.0)
-        check_range("ghost_shift", ghost_shift, 0.0, 0.5)
+        check_float("alpha", alpha, low=1e-6, high=1.0)
+        check_float("ghost_rate", ghost_rate, low=0.0, high=1.0)
+        check_float("ghost_shift", ghost_shift, low=0.0, high=0.5)
         low, high = sigma_range
         check_float("sigma_range[0]", low, low=0, low_open=True)
         check_float("sigma_range[1]", high, low=low)

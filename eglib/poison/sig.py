@@ -9,7 +9,7 @@ import torch
 
 from eglib.params import check_float
 from eglib.poison.base import Attack, register_attack
-from eglib.poison.ops import check_images, check_range, to_uint8
+from eglib.poison.ops import check_images, to_uint8
 
 
 @register_attack
@@ -30,7 +30,7 @@ class SIG(Attack):
 
     def __init__(self, *, delta: float = 20.0, f: float = 6.0, **base: Any) -> None:
         super().__init__(**base)
-        check_range("delta", delta, 1e-6, 255.0)
+        check_float("delta", delta, low=1e-6, high=255.0)
         check_float("f", f, low=0, low_open=True)  # periods across the image width
         self.delta = delta
         self.f = f

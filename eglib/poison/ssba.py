@@ -11,9 +11,10 @@ from tqdm.auto import tqdm
 
 from eglib.config import default_device
 from eglib.data import to_float
+from eglib.params import check_float
 from eglib.poison._fitted import FittedAttack, State, load_module_state, module_state, seeded
 from eglib.poison.base import register_attack
-from eglib.poison.ops import check_range, to_uint8
+from eglib.poison.ops import to_uint8
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1, norm: bool = False) -> nn.Sequential:
@@ -158,10 +159,10 @@ class SSBA(FittedAttack):
         ):
             if value < 1:
                 raise ValueError(f"{label}={value}; must be >= 1")
-        check_range("max_residual", max_residual, 1e-6, 1.0)
-        check_range("lr", lr, 1e-8, 1.0)
-        check_range("l2_weight", l2_weight, 0.0, 1e6)
-        check_range("bit_weight", bit_weight, 1e-6, 1e6)
+        check_float("max_residual", max_residual, low=1e-6, high=1.0)
+        check_float("lr", lr, low=1e-8, high=1.0)
+        check_float("l2_weight", l2_weight, low=0.0, high=1e6)
+        check_float("bit_weight", bit_weight, low=1e-6, high=1e6)
         self.bits = bits
         self.max_residual = float(max_residual)
         self.width = width

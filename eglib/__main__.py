@@ -123,6 +123,8 @@ def cmd_figures(args: argparse.Namespace) -> None:
         options["detection"] = False
     if args.cached_only:
         options["cached_only"] = True
+    if args.include_slow:
+        options["include_slow"] = True
     make_figures(profile=args.profile, out_dir=args.out, only=args.only, options=options)
 
 
@@ -202,7 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     subset.add_argument(
         "--cached-only",
         action="store_true",
-        help="train nothing: the grid's runs already cached, n seeds per cell (defence_table)",
+        help="train nothing: the grid's runs already cached, n seeds per cell (defence_table, "
+        "ablations)",
+    )
+    subset.add_argument(
+        "--include-slow",
+        action="store_true",
+        help="also every stage of preact-resnet18 in the layer ablation: a GPU's work (ablations)",
     )
     figures.set_defaults(func=cmd_figures)
     return parser

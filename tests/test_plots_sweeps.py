@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import matplotlib
@@ -102,3 +103,32 @@ def test_explicit_order_and_bad_input() -> None:
     with pytest.raises(ValueError, match="no rows"):
         metric_vs_param([], "k")
     assert metric_column("asr", "mixed") == "asr_mixed" and metric_column("acc", None) == "acc"
+
+
+def test_long_category_names_do_not_overlap() -> None:
+    """The architecture ablation's five model names overlapped level in each panel."""
+    models = ("cnn-small", "resnet18", "preact-resnet18", "vgg16", "mobilenetv2")
+    rows = [
+        {"model": m, "variant": v, f"{metric}_{p}": 0.9}
+        for m in models
+        for v in ("none", "kth")
+        for metric in ("acc", "asr")
+        for p in PROTOCOLS
+    ]
+    rows = [
+        {k: v for r in rows if (r["model"], r["variant"]) == key for k, v in r.items()}
+        for key in dict.fromkeys((r["model"], r["variant"]) for r in rows)
+    ]
+    fig = metric_vs_param(rows, "model", hue="variant")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    for ax in fig.axes:
+        boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
+        assert len(boxes) in (0, len(models))
+        for left, right in itertools.pairwise(boxes):
+            assert not left.overlaps(right), (left, right)
+    plt.close(fig)
+    short = [{"at": s, "acc": 0.9, "asr": 0.5} for s in ("stem", "layer1", "layer2")]
+    fig = metric_vs_param(short, "at", protocols=None)
+    assert {t.get_rotation() for t in fig.axes[-1].get_xticklabels()} == {0.0}  # short: level
+    plt.close(fig)

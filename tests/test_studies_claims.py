@@ -310,6 +310,50 @@ def test_ablations_take_seeds_and_a_subset(monkeypatch: pytest.MonkeyPatch) -> N
     assert result.seeds == (0,) and result.notes["ablations"] == ["poison_rate"]
 
 
+def test_ablations_cached_only_read_the_runs_the_cache_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--cached-only --include-slow`: the rows are the cached runs of the chosen
+    sub-ablations (e.g. records copied from a GPU machine); nothing is trained."""
+    monkeypatch.setenv("EGLIB_CACHE", str(tmp_path))
+    monkeypatch.setattr(runs, "run_grid", lambda *a, **kw: pytest.fail("trained a run"))
+    with pytest.raises(ValueError, match="none of the runs of the ablations"):
+        ablations.run("full", ablations=["layer"], seeds=(0,), cached_only=True)
+    with pytest.raises(ValueError, match="does not apply to the 'eval_mode'"):
+        ablations.run("full", ablations=["eval_mode"], seeds=(0,), cached_only=True)
+    slow = [
+        c
+        for c in ablations.layer_configs("full", include_slow=True, seeds=(0,))
+        if c.model == "preact-resnet18"
+    ]
+    for cfg in slow[:3]:
+        write_json_atomic(run_dir(cfg) / "record.json", _record_of(cfg))
+    result = ablations.run(
+        "full",
+        ablations=["layer", "architecture"],
+        seeds=(0,),
+        include_slow=True,
+        cached_only=True,
+        progress=False,
+    )
+    layer = [r for r in result.rows if r["ablation"] == "layer"]
+    assert [(r["model"], r["at"]) for r in layer] == [
+        ("preact-resnet18", describe(c)["at"]) for c in slow[:3]
+    ]
+    assert [r["model"] for r in result.rows if r["ablation"] == "architecture"] == [
+        "preact-resnet18",
+        "preact-resnet18",
+    ]  # its undefended run and the guard at its default stage, layer1
+    assert result.notes["cached_only"] is True
+
+
+def _record_of(cfg: ExperimentConfig) -> dict:
+    """A finished run's record as `record_row` reads it (metrics made up)."""
+    metrics = {"acc": 0.9, "asr": 0.5}
+    timings = {"train_s": 1.0}
+    return {"config": cfg.to_dict(), "key": cfg.key(), "metrics": metrics, "timings": timings}
+
+
 def test_run_records_labels_its_bar_with_the_cached_count(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -358,5 +358,7 @@ def test_cli_figures_parses_the_subset(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert seen["options"] == {"cached_only": True}
     main(["figures", "--only", "ablations", "--ablations", "eval_mode,poison_rate"])
     assert seen["options"] == {"ablations": ("eval_mode", "poison_rate")}
+    main(["figures", "--only", "ablations", "--ablations", "layer", "--include-slow"])
+    assert seen["options"] == {"ablations": ("layer",), "include_slow": True}
     with pytest.raises(SystemExit):
         main(["figures", "--seeds", "0,x"])

@@ -98,7 +98,11 @@ def metric_vs_param(
     fig, axes = plt.subplots(
         len(metrics),
         len(panel_protocols),
-        figsize=(max(6.0, 4.2 * len(panel_protocols)), 3.2 * len(metrics)),
+        # upright tick labels take about an inch below the bottom row
+        figsize=(
+            max(6.0, 4.2 * len(panel_protocols)),
+            3.2 * len(metrics) + (1.0 if categorical and _crowded(positions) else 0.0),
+        ),
         squeeze=False,
         sharex=True,
     )
@@ -131,8 +135,7 @@ def metric_vs_param(
             if protocol is not None:
                 ax.set_title(PROTOCOL_LABELS.get(protocol, protocol), fontsize=10)
             if categorical:
-                names = sorted(positions, key=positions.__getitem__)
-                ax.set_xticks([positions[n] for n in names], [str(n) for n in names])
+                _categorical_ticks(ax, positions)
             elif logx:
                 ax.set_xscale("log", base=2)
                 ax.set_xticks(sorted(positions.values()), [f"{v:g}" for v in sorted(positions)])
@@ -142,6 +145,23 @@ def metric_vs_param(
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 0.82 if has_legend else 1, 1))
     return fig
+
+
+# A categorical axis whose labels hold more characters than this (e.g. five model names) gets
+# them upright: level, they overlap in a 4-inch panel.
+LEVEL_TICK_CHARS = 30
+
+
+def _crowded(positions: dict[Any, float]) -> bool:
+    """Whether the categories' names would overlap as level tick labels."""
+    return sum(len(str(n)) for n in positions) > LEVEL_TICK_CHARS
+
+
+def _categorical_ticks(ax: Any, positions: dict[Any, float]) -> None:
+    """Ticks at the categories' positions, labelled by name; upright when they would crowd."""
+    names = sorted(positions, key=positions.__getitem__)
+    rotation = 90 if _crowded(positions) else 0
+    ax.set_xticks([positions[n] for n in names], [str(n) for n in names], rotation=rotation)
 
 
 def _percent(value: Any) -> float:

@@ -21,7 +21,7 @@ from torch import nn
 
 from eglib.config import get_profile, torch_threads
 from eglib.evaluate import TriggeredLike, accuracy, attack_success_rate, guards_eval_mode
-from eglib.experiments import ExperimentConfig, run_experiment
+from eglib.experiments import ExperimentConfig, is_cached, run_experiment
 from eglib.guard import EVAL_MODES
 from eglib.plots import metric_vs_param
 from eglib.studies.base import StudyResult
@@ -337,12 +337,18 @@ def run(
     include_slow: bool = False,
     ablations: Sequence[str] | None = None,
     seeds: Seeds = None,
+    cached_only: bool = False,
 ) -> StudyResult:
     """Run the chosen sub-ablations (all when `ablations` is None) on `seeds` (None: the
     profile's); the rows of all, tagged.
 
     Every training run they need is trained first in one parallel sweep (cached runs are
-    skipped), so the sub-ablations then only read the cache.
+    skipped), so the sub-ablations then only read the cache. `include_slow` adds the
+    `slow_layer_models` (every stage of preact-resnet18: a GPU's work) to the layer
+    ablation. `cached_only=True` trains nothing: the rows are the runs the cache holds (runs
+    trained elsewhere, e.g. on a GPU machine, whose records were copied in); it does not
+    apply to 'eval_mode', which needs the models, and a choice with none cached is a
+    ValueError.
     """
     prof = get_profile(profile)
     names = list(ABLATIONS) if ablations is None else list(dict.fromkeys(ablations))
@@ -350,6 +356,8 @@ def run(
     if unknown:
         raise KeyError(f"unknown ablation {unknown[0]!r}; allowed: {list(ABLATIONS)}")
     configs = all_configs(prof.name, include_slow=include_slow, seeds=seeds)
+    if cached_only:
+        configs = _cached_only(configs, names, prof.name)
     needed = [c for n in names for c in configs.get(n, [])]
     run_configs(needed, jobs=jobs, progress=progress)
     rows: list[dict[str, Any]] = []
@@ -370,8 +378,28 @@ def run(
             "attack": ATTACK,
             "reference": grid.reference,
             "grid": {**asdict(grid), "slow_layer_models_included": include_slow},
+            "cached_only": cached_only,
         },
     )
+
+
+def _cached_only(
+    configs: dict[str, list[ExperimentConfig]], names: Sequence[str], profile: str
+) -> dict[str, list[ExperimentConfig]]:
+    """`configs` cut to the runs the cache holds; ValueError for 'eval_mode' among `names`
+    or when the chosen sub-ablations have no run cached."""
+    if "eval_mode" in names:
+        raise ValueError(
+            "cached_only does not apply to the 'eval_mode' ablation (it re-evaluates the "
+            "models); choose other ablations or run without cached_only"
+        )
+    cached = {name: [c for c in runs if is_cached(c)] for name, runs in configs.items()}
+    if not any(cached[name] for name in names):
+        raise ValueError(
+            f"cached_only: none of the runs of the ablations {list(names)} in this {profile!r} "
+            "grid is cached; run without cached_only (--cached-only) to train them"
+        )
+    return cached
 
 
 # How each sub-ablation is drawn: the varied parameter, its hue, and plot options.

@@ -29,9 +29,9 @@ POWER_ITERATIONS = 6  # subspace iterations: error ~ (s_{k+p+1} / s_k)^(2 * 6 + 
 
 def flatten_rows(A: torch.Tensor) -> torch.Tensor:
     """View a (B, ...) tensor as the (B, D) matrix of its flattened rows (ValueError if 1-D)."""
-    if A.dim() < 2:
+    if A.dim() < 2 or A.numel() == 0:
         raise ValueError(
-            f"expected a (B, ...) tensor with at least 2 dims, got shape {tuple(A.shape)}"
+            f"expected a non-empty (B, ...) tensor with at least 2 dims, got shape {tuple(A.shape)}"
         )
     return A.reshape(A.shape[0], -1)
 
@@ -73,8 +73,18 @@ def singular_values(A: torch.Tensor) -> torch.Tensor:
     return gram_eigh(M.T)[0]
 
 
+def _check_spectrum(s: torch.Tensor) -> None:
+    """ValueError unless `s` is a 1-D tensor of finite, non-negative singular values."""
+    if not isinstance(s, torch.Tensor) or s.dim() != 1:
+        raise ValueError(f"expected a 1-D tensor of singular values, got {s!r}")
+    require_finite(s, "spectrum")
+    if bool((s < 0).any()):
+        raise ValueError(f"singular values must be >= 0; got {int((s < 0).sum())} negative")
+
+
 def effective_rank_of_spectrum(s: torch.Tensor) -> float:
     """Effective rank from singular values `s`: exp(entropy of s / sum(s)); 0 if all zero."""
+    _check_spectrum(s)
     total = s.sum()
     if total <= 0:
         return 0.0
@@ -85,6 +95,7 @@ def effective_rank_of_spectrum(s: torch.Tensor) -> float:
 
 def stable_rank_of_spectrum(s: torch.Tensor) -> float:
     """Stable rank from singular values `s`: sum(s^2) / max(s)^2; 0 if all zero."""
+    _check_spectrum(s)
     top = s.max()
     if top <= 0:
         return 0.0
@@ -170,6 +181,7 @@ def top_tail_projections(
 def _rows64(A: torch.Tensor, k: int, center: bool) -> torch.Tensor:
     """A as a float64 (B, D) matrix, centred if asked; ValueError unless 1 <= k <= min(B, D)."""
     M = flatten_rows(A).to(torch.float64)
+    require_finite(M)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(M.shape):
         raise ValueError(f"k={k!r}; must be an int in [1, min(B, D) = {min(M.shape)}]")
     return M - M.mean(dim=0, keepdim=True) if center else M

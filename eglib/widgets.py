@@ -113,12 +113,12 @@ class _CachedPrefix(nn.Module):
 
     `evaluate_protocols` takes uint8 images; here each input "image" is a uint8 (3, 1, 1)
     code of a row of `table` (see `_row_codes`), so the protocols run unchanged while the
-    stages up to `layer` never run again. `guard` (if any) filters the cached features
-    first; `guards` holds every guard on the path, so the protocols switch their eval modes.
+    stages up to `layer` never run again. `guard` filters the cached features first;
+    `guards` holds every guard on the path, so the protocols switch their eval modes.
     """
 
     def __init__(
-        self, model: StagedNet, layer: str, table: torch.Tensor, guard: EigenGuard | None
+        self, model: StagedNet, layer: str, table: torch.Tensor, guard: EigenGuard
     ) -> None:
         super().__init__()
         later = model.stages[model.stages.index(layer) + 1 :]
@@ -126,16 +126,14 @@ class _CachedPrefix(nn.Module):
         self.layer = layer
         self.later = nn.ModuleDict({name: model.stage(name) for name in later})
         self.head = model.head
-        path: dict[str, nn.Module] = {} if guard is None else {layer: guard}
+        path: dict[str, nn.Module] = {layer: guard}
         path.update({name: model.guards[name] for name in later if name in model.guards})
         self.guards = nn.ModuleDict(path)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         """Logits for float codes (B, 3, 1, 1) in [0, 1] (uint8 codes through `to_float`)."""
         rows = (codes.flatten(1) * 255).round().long().cpu() @ _CODE_BASE
-        x = self.table[rows].to(codes.device)
-        if self.layer in self.guards:
-            x = self.guards[self.layer](x)
+        x = self.guards[self.layer](self.table[rows].to(codes.device))
         for name, stage in self.later.items():
             x = stage(x)
             if name in self.guards:
@@ -431,13 +429,27 @@ class SpectralExplorer:
             self._layers.popitem(last=False)
         return state
 
-    def _metrics(self, attack: str, layer: str, state: _LayerState, k: int | None) -> Metrics:
-        """ACC/ASR under the three protocols; with EigenGuard(k) after `layer` unless k is None."""
+    def _as_trained(self, attack: str) -> Metrics:
+        """ACC/ASR under the three protocols of the model as trained, end to end on the images:
+        a guard it was trained with stays in place and sees each protocol's batches."""
         sets = self._sets[attack]
-        guard = None
-        if k is not None:
-            guard = EigenGuard(k)
-            calibrate_running_stats(guard, state.calibration, sets.batch_size)
+        return evaluate_protocols(
+            sets.result.model,
+            sets.eval_clean,
+            sets.eval_labels,
+            sets.eval_triggered,
+            poison_rate=sets.result.config.poison_rate,
+            batch_size=sets.batch_size,
+            seed=self.seed,
+        )
+
+    def _metrics(self, attack: str, layer: str, state: _LayerState, k: int) -> Metrics:
+        """ACC/ASR under the three protocols with EigenGuard(k) put after `layer` (replacing a
+        guard the model has there; guards the model has before `layer` run per sample, as
+        they did when the features were captured)."""
+        sets = self._sets[attack]
+        guard = EigenGuard(k)
+        calibrate_running_stats(guard, state.calibration, sets.batch_size)
         n_clean = len(sets.eval_clean)
         trig = sets.eval_triggered
         return evaluate_protocols(
@@ -507,7 +519,7 @@ class SpectralExplorer:
         with torch_threads(RENDER_THREADS):
             state = self._layer_state(attack, layer)
             if attack not in self._unguarded:
-                self._unguarded[attack] = self._metrics(attack, layer, state, None)
+                self._unguarded[attack] = self._as_trained(attack)
             if (attack, layer, k) not in self._guarded:
                 self._guarded[(attack, layer, k)] = self._metrics(attack, layer, state, k)
         metrics = {

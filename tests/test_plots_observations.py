@@ -25,6 +25,7 @@ from eglib.plots import (
     smooth_colour_images,
 )
 from eglib.plots import gallery as gallery_module
+from eglib.plots.spectra import SPECTRUM_STYLES
 from eglib.poison import attack_examples
 from eglib.poison.badnets import BadNets
 from eglib.poison.base import Attack
@@ -90,26 +91,43 @@ def test_rank_curves_stable_and_bad_input() -> None:
 
 
 def test_singular_spectra_normalised_log_panels() -> None:
+    spectra = {  # each group its own spectrum, so a swapped group or style shows
+        "clean": [4.0, 2.0, 1.0, 1.0],
+        "triggered": [6.0, 1.0, 0.5, 0.5],
+        "mixed": [5.0, 1.5, 1.0, 0.5],
+        "diff": [7.0, 0.5, 0.25, 0.25],
+    }
     records = [
         {
             "attack": a,
             "stage": s,
             "group": g,
-            "spectrum": np.array([4.0, 2.0, 1.0, 1.0]),
+            "spectrum": np.array(spectra[g]),
             "rows": 64,
+            **({"poisoned_rows": 6} if g == "mixed" else {}),
         }
         for a in ATTACKS
         for s in STAGES
-        for g in ("clean", "triggered", "mixed", "diff")
+        for g in spectra
     ]
     fig = singular_spectra(records)
     assert len(fig.axes) == 4
     for ax in fig.axes:
         assert ax.get_yscale() == "log"
-        assert len(ax.get_lines()) == 4
-        np.testing.assert_allclose(_y(ax.get_lines()[0].get_ydata()), [0.5, 0.25, 0.125, 0.125])
+        lines = {str(line.get_label()): line for line in ax.get_lines()}
+        assert list(lines) == [
+            "clean f(x)",
+            "triggered f(x+t)",
+            "mixed (6 of 64 rows triggered)",  # from the records, not a fixed 10 %
+            "f(x+t) - f(x)",
+        ]
+        for line, (group, values) in zip(lines.values(), spectra.items(), strict=True):
+            np.testing.assert_allclose(_y(line.get_ydata()), np.array(values) / sum(values))
+            assert line.get_linestyle() == SPECTRUM_STYLES[group]
     assert "64 rows" in fig.get_suptitle()
     plt.close(fig)
+    with pytest.raises(ValueError, match=r"groups of \[32, 64\] rows"):
+        singular_spectra([*records, {**records[0], "group": "clean", "rows": 32}])
     with pytest.raises(ValueError, match="no spectrum"):
         singular_spectra([])
 

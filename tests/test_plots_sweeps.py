@@ -48,6 +48,8 @@ def test_panels_per_metric_and_protocol_with_mean_lines() -> None:
         "pure triggered batches",
     ]
     assert "ASR" in fig.axes[0].get_ylabel() and "ACC" in fig.axes[len(PROTOCOLS)].get_ylabel()
+    # ACC under the pure protocol is read on all-clean batches, not triggered ones
+    assert fig.axes[-1].get_title() == "pure clean batches"
     lines = _main_lines(fig.axes[0])
     assert len(lines) == 4  # 2 variants x 2 tails
     x, y = lines[0].get_xdata(), lines[0].get_ydata()
@@ -132,3 +134,14 @@ def test_long_category_names_do_not_overlap() -> None:
     fig = metric_vs_param(short, "at", protocols=None)
     assert {t.get_rotation() for t in fig.axes[-1].get_xticklabels()} == {0.0}  # short: level
     plt.close(fig)
+
+
+def test_numpy_numbers_keep_a_numeric_axis_and_logx_refuses_zero() -> None:
+    """k given as numpy ints (from a DataFrame) was placed at 0, 1, 2 as categories."""
+    rows = [{"k": np.int64(k), "acc": 0.9, "asr": 0.5} for k in (1, 4, 64)]
+    fig = metric_vs_param(rows, "k", protocols=None, logx=True)
+    assert fig.axes[0].get_xscale() == "log"
+    np.testing.assert_allclose(_main_lines(fig.axes[0])[0].get_xdata(), [1, 4, 64])
+    plt.close(fig)
+    with pytest.raises(ValueError, match=r"logx needs k > 0, got \[0\]"):
+        metric_vs_param([*rows, {"k": 0, "acc": 0.9, "asr": 0.5}], "k", protocols=None, logx=True)

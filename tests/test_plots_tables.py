@@ -65,6 +65,17 @@ def test_pivot_orders_fills_and_rejects_duplicates() -> None:
         tables.pivot([*rows, rows[0]], "v", index="attack", columns="defense")
     with pytest.raises(ValueError, match="lacks the key 'model'"):
         tables.pivot(rows, "v", index="model", columns="defense")
+    # numpy scalars (a pandas or numpy aggregate) are numbers: they left blank cells
+    typed = [
+        {"attack": "a", "defense": "x", "v": np.float32(0.5)},
+        {"attack": "a", "defense": "y", "v": np.int64(1)},
+    ]
+    grid, _, _ = tables.pivot(typed, "v", index="attack", columns="defense")
+    assert grid.tolist() == [[0.5, 1.0]]
+    with pytest.raises(ValueError, match=r"cell \('a', 'x'\): v='0.5'; expected a number"):
+        tables.pivot(
+            [{"attack": "a", "defense": "x", "v": "0.5"}], "v", index="attack", columns="defense"
+        )
 
 
 def test_metric_heatmap_annotates_mean_and_std() -> None:
@@ -162,9 +173,9 @@ def test_formatted_table_labels_and_scales() -> None:
         "attack",
         "defense",
         "ASR (%), mixed batches",
-        "ACC (%), pure triggered batches",
+        "ACC (%), pure clean batches",
         "erank_diff",
     ]
     assert shown[0]["ASR (%), mixed batches"] == "95.0"
-    assert shown[1]["ACC (%), pure triggered batches"] == "89.0 ± 0.4"
+    assert shown[1]["ACC (%), pure clean batches"] == "89.0 ± 0.4"
     assert shown[0]["erank_diff"] == "3.5 ± 0.5" and shown[1]["erank_diff"] == "-"

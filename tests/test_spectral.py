@@ -254,3 +254,26 @@ def test_top_right_basis_of_a_large_matrix_is_randomized_exact_and_seeded(
     calls.clear()
     top_right_basis(A, k)
     assert not calls  # below the threshold: the exact route
+
+
+def test_bad_spectra_and_batches_are_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN spectrum read as rank one, a negative one was accepted, an empty feature
+    dimension gave effective rank 0, and NaN features on the randomized route failed inside
+    torch's SVD ('failed to converge') instead of naming the NaN."""
+    from eglib.spectral import effective_rank_of_spectrum, stable_rank_of_spectrum
+
+    for rank_of in (effective_rank_of_spectrum, stable_rank_of_spectrum):
+        with pytest.raises(ValueError, match="1 NaN"):
+            rank_of(torch.tensor([3.0, math.nan]))
+        with pytest.raises(ValueError, match="1 negative"):
+            rank_of(torch.tensor([3.0, -1.0, 1.0]))
+        with pytest.raises(ValueError, match="1-D"):
+            rank_of(torch.ones(2, 2))
+    for empty in (torch.zeros(0, 5), torch.zeros(4, 0)):
+        with pytest.raises(ValueError, match="non-empty"):
+            effective_rank(empty)
+    monkeypatch.setattr(spectral, "EXACT_MAX_SIDE", 10)
+    A = torch.randn(60, 50, generator=_gen())
+    A[3, 4] = math.nan
+    with pytest.raises(ValueError, match="1 NaN"):
+        top_right_basis(A, 2)

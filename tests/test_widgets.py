@@ -170,6 +170,33 @@ def test_slider_and_layer_moves_rerender_with_guarded_metrics(
     assert explorer.last_render_s < 10
 
 
+def test_as_trained_column_of_a_guarded_model_is_the_model_end_to_end() -> None:
+    """A model trained with a guard: 'unguarded' (the model as trained) keeps that guard, in
+    each protocol's mode, at every layer; it was the model without the guard at the guard's
+    layer, frozen at the first layer viewed, and per-sample-only under mixed/pure."""
+    result = fake_result("badnets", 0)
+    train = result.data.train_images[:64]
+    calibration = capture_features(result.model, train, ["stem"])["stem"]
+    guard = insert_guard(result.model, at="stem", k=8, rule="remove")
+    calibrate_running_stats(guard, calibration, result.config.batch_size)
+    explorer = make_explorer({"badnets": result}, k=2)
+    sets = explorer._sets["badnets"]
+    want = evaluate_protocols(
+        result.model,
+        sets.eval_clean,
+        sets.eval_labels,
+        sets.eval_triggered,
+        poison_rate=result.config.poison_rate,
+        batch_size=result.config.batch_size,
+        seed=0,
+    )
+    assert want["mixed"] != want["per_sample"]  # the batch-wise guard acts on mixed batches
+    for layer in ("stem", "layer2", "layer1"):
+        explorer._unguarded.clear()
+        explorer.layer_dropdown.value = layer
+        assert_metrics_close(explorer.last_metrics["unguarded"], want)
+
+
 def test_attack_change_switches_model(results: dict[str, ExperimentResult]) -> None:
     explorer = make_explorer(results)
     before = explorer.last_metrics

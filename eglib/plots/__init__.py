@@ -1,6 +1,6 @@
 """The figures the notebooks and `python -m eglib figures` show, as functions of result records."""
 
-from eglib.plots.common import PROTOCOL_LABELS, PROTOCOLS, save_figure, use_style
+from eglib.plots.common import PROTOCOL_LABELS, PROTOCOLS, protocol_label, save_figure, use_style
 from eglib.plots.gallery import attack_gallery, example_pairs, smooth_colour_images
 from eglib.plots.rank import rank_curves
 from eglib.plots.spectra import projection_tsne, separation_summary, singular_spectra
@@ -19,6 +19,7 @@ from eglib.plots.training import training_curves
 __all__ = [
     "PROTOCOLS",
     "PROTOCOL_LABELS",
+    "protocol_label",
     "adaptive_summary",
     "attack_gallery",
     "defence_heatmaps",

@@ -14,8 +14,17 @@ PROTOCOLS = ("per_sample", "mixed", "pure")
 PROTOCOL_LABELS = {
     "per_sample": "per-sample",
     "mixed": "mixed batches",
-    "pure": "pure triggered batches",
+    "pure": "pure batches",
 }
+# The pure protocol reads ACC on all-clean batches and ASR on all-triggered ones.
+PURE_BATCHES = {"acc": "pure clean batches", "asr": "pure triggered batches"}
+
+
+def protocol_label(protocol: str, metric: str | None = None) -> str:
+    """How figures and tables name a protocol; under 'pure', which batches `metric` was read on."""
+    if protocol == "pure" and metric in PURE_BATCHES:
+        return PURE_BATCHES[metric]
+    return PROTOCOL_LABELS.get(protocol, protocol)
 
 
 def use_style() -> None:

@@ -18,7 +18,7 @@ SPECTRUM_STYLES = {"clean": "-", "triggered": "--", "mixed": ":", "diff": "-"}
 SPECTRUM_LABELS = {
     "clean": "clean f(x)",
     "triggered": "triggered f(x+t)",
-    "mixed": "mixed (10 % triggered)",
+    "mixed": "mixed",
     "diff": "f(x+t) - f(x)",
 }
 
@@ -35,10 +35,18 @@ def singular_spectra(records: Sequence[dict[str, Any]], *, title: str | None = N
     """One panel per (attack, stage): normalised singular values s_i / sum(s) on a log scale.
 
     `records`: dicts with `attack`, `stage`, `group` (clean, triggered, mixed or diff),
-    `spectrum` (descending values) and `rows` (the batch's row count, equal for all groups).
+    `spectrum` (descending values) and `rows` (the batch's row count, equal for all groups
+    of a panel); a mixed record may give `poisoned_rows` (its triggered rows) for the legend.
     """
     if not records:
         raise ValueError("no spectrum records to plot")
+    for panel in dict.fromkeys((r["attack"], r["stage"]) for r in records):
+        in_panel = {int(r["rows"]) for r in records if (r["attack"], r["stage"]) == panel}
+        if len(in_panel) > 1:
+            raise ValueError(
+                f"panel {panel}: groups of {sorted(in_panel)} rows; effective rank grows with "
+                "the row count, so a panel's groups must have equal counts"
+            )
     attacks = list(dict.fromkeys(str(r["attack"]) for r in records))
     stages = list(dict.fromkeys(str(r["stage"]) for r in records))
     fig, axes = _grid(len(attacks), len(stages), 3.4, 2.9)
@@ -56,7 +64,7 @@ def singular_spectra(records: Sequence[dict[str, Any]], *, title: str | None = N
             color=colors.get(group),
             linestyle=SPECTRUM_STYLES.get(group, "-"),
             linewidth=1.6,
-            label=SPECTRUM_LABELS.get(group, group),
+            label=_mixed_label(records) if group == "mixed" else SPECTRUM_LABELS.get(group, group),
         )
         ax.set_title(f"{rec['attack']} - {rec['stage']}", fontsize=10)
     for ax in axes[-1]:
@@ -81,6 +89,19 @@ def singular_spectra(records: Sequence[dict[str, Any]], *, title: str | None = N
     )
     fig.tight_layout(rect=(0, 0.05, 1, 0.98))
     return fig
+
+
+def _mixed_label(records: Sequence[dict[str, Any]]) -> str:
+    """'mixed (13 of 128 rows triggered)' when every mixed record says the same, else 'mixed'."""
+    shares = {
+        (int(r["poisoned_rows"]), int(r["rows"]))
+        for r in records
+        if r["group"] == "mixed" and "poisoned_rows" in r
+    }
+    if len(shares) != 1:
+        return SPECTRUM_LABELS["mixed"]
+    ((poisoned, rows),) = shares
+    return f"mixed ({poisoned} of {rows} rows triggered)"
 
 
 def projection_tsne(records: Sequence[dict[str, Any]], *, title: str | None = None) -> Figure:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from eglib.plots.common import PROTOCOL_LABELS, PROTOCOLS, use_style
+from eglib.plots.common import PROTOCOLS, protocol_label, use_style
 
 METRIC_LABELS = {"acc": "clean accuracy ACC (%)", "asr": "attack success rate ASR (%)"}
 
@@ -23,8 +24,8 @@ def _is_missing(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    """True for int and float values (bools excluded)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """True for real numbers, numpy's included (bools excluded)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def metric_column(metric: str, protocol: str | None) -> str:
@@ -84,6 +85,11 @@ def metric_vs_param(
     if absent:
         raise ValueError(f"no row carries {absent}; rows have keys {sorted(rows[0])}")
     positions, categorical = _positions([row[param] for row in rows], order)
+    if logx and not categorical and min(positions.values()) <= 0:
+        raise ValueError(
+            f"logx needs {param} > 0, got {sorted(v for v in positions if v <= 0)}; "
+            "drop those rows or plot on a linear axis"
+        )
     frame = pd.DataFrame(
         {
             "x": [positions[row[param]] for row in rows],
@@ -133,7 +139,7 @@ def metric_vs_param(
             ax.set_ylabel(METRIC_LABELS.get(metric, metric) if j == 0 else "")
             ax.set_xlabel(xlabel or param if i == len(metrics) - 1 else "")
             if protocol is not None:
-                ax.set_title(PROTOCOL_LABELS.get(protocol, protocol), fontsize=10)
+                ax.set_title(protocol_label(protocol, metric), fontsize=10)
             if categorical:
                 _categorical_ticks(ax, positions)
             elif logx:

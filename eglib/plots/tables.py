@@ -9,6 +9,7 @@ Every function takes *summary rows*: plain dicts with the key columns (e.g. `att
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from eglib.plots.common import PROTOCOL_LABELS, PROTOCOLS, use_style
+from eglib.plots.common import PROTOCOLS, protocol_label, use_style
 from eglib.plots.rank import GROUP_LABELS, RANK_GROUPS
 
 Key = str | Sequence[str]
@@ -53,7 +54,7 @@ def metric_style(metric: str) -> tuple[str, str, bool]:
     label, cmap, percent = METRIC_STYLE[base]
     protocol = metric[len(base) + 1 :]
     if protocol:
-        label = f"{label}, {PROTOCOL_LABELS.get(protocol, protocol)}"
+        label = f"{label}, {protocol_label(protocol, base)}"
     return label, cmap, percent
 
 
@@ -129,8 +130,13 @@ def pivot(
             raise ValueError(f"two rows for the cell ({i_key!r}, {c_key!r}); aggregate them first")
         filled[i, j] = True
         got = row.get(value)
-        if isinstance(got, (int, float)):  # None (not measured) stays NaN
-            grid[i, j] = float(got)
+        if got is None:  # not measured: stays NaN
+            continue
+        if isinstance(got, bool) or not isinstance(got, numbers.Real):
+            raise ValueError(
+                f"cell ({i_key!r}, {c_key!r}): {value}={got!r}; expected a number or None"
+            )
+        grid[i, j] = float(got)
     return grid, ind, cols
 
 

@@ -207,7 +207,14 @@ def run(
                 }
             )
             spectrum_records.extend(
-                {"attack": attack, "stage": stage, "group": g, "spectrum": s.numpy(), "rows": n}
+                {
+                    "attack": attack,
+                    "stage": stage,
+                    "group": g,
+                    "spectrum": s.numpy(),
+                    "rows": n,
+                    **({"poisoned_rows": int(mask.sum())} if g == "mixed" else {}),
+                }
                 for g, s in measures.spectra.items()
             )
             if stage in settings.tsne_stages:

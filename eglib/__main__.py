@@ -66,7 +66,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         "augment": args.augment,
     }
     overrides.update(
-        {k: v for k, v in {"epochs": args.epochs, "train_size": args.train_size}.items() if v}
+        {
+            k: v
+            for k, v in {"epochs": args.epochs, "train_size": args.train_size}.items()
+            if v is not None  # 0 is refused by the config, not read as "the profile's"
+        }
     )
     cfg = ExperimentConfig.from_profile(args.profile, **overrides)
     result = run_experiment(cfg, cache=not args.no_cache)
@@ -97,6 +101,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     """Run a grid file in parallel processes, skip cached runs, write one CSV."""
     from eglib.sweep import load_grid, run_grid, write_csv
 
+    out = Path(args.out)
+    if out.is_dir():  # found now, not after every run of the grid has trained
+        raise ValueError(f"--out {out} is a folder; give the CSV file's path")
     configs = load_grid(args.grid)
     rows = run_grid(configs, jobs=args.jobs)
     write_csv(rows, args.out)
@@ -126,6 +133,17 @@ def cmd_figures(args: argparse.Namespace) -> None:
     if args.include_slow:
         options["include_slow"] = True
     make_figures(profile=args.profile, out_dir=args.out, only=args.only, options=options)
+
+
+def _positive_int(text: str) -> int:
+    """An int >= 1 from the command line."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int >= 1")
+    return value
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -174,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = sub.add_parser("sweep", help=cmd_sweep.__doc__)
     sweep.add_argument("grid", help="a YAML or JSON grid file")
-    sweep.add_argument("--jobs", type=int, default=1)
+    sweep.add_argument("--jobs", type=_positive_int, default=1, help="worker processes (>= 1)")
     sweep.add_argument("--out", default="sweep.csv")
     sweep.set_defaults(func=cmd_sweep)
 
@@ -217,9 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point."""
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    """Entry point: bad input (a ValueError naming it) ends with that line and status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as error:
+        parser.exit(2, f"python -m eglib {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

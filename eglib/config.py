@@ -47,9 +47,8 @@ def get_profile(name: str | None = None) -> Profile:
     """Return the named profile, or the one EGLIB_PROFILE names (default `full`)."""
     chosen = name if name is not None else os.environ.get(PROFILE_ENV, "full")
     if chosen not in PROFILES:
-        raise ValueError(
-            f"unknown profile {chosen!r} (from {PROFILE_ENV}); allowed: {sorted(PROFILES)}"
-        )
+        origin = f" (from {PROFILE_ENV})" if name is None else ""
+        raise ValueError(f"unknown profile {chosen!r}{origin}; allowed: {sorted(PROFILES)}")
     return PROFILES[chosen]
 
 

@@ -29,8 +29,9 @@ from eglib.io import (
     save_state_atomic,
     write_json_atomic,
 )
-from eglib.models import make_model
+from eglib.models import MODELS, make_model
 from eglib.models.base import StagedNet
+from eglib.params import check_bool, check_float, check_int
 from eglib.poison import PoisonedSet, TriggeredSet, backdoor_testset, make_attack, poison_dataset
 from eglib.registry import lookup
 from eglib.train import TrainSettings, train_model
@@ -60,6 +61,25 @@ def _freeze(params: dict[str, Any] | Params | None) -> Params:
     """Parameters as a sorted tuple of pairs, so configs stay hashable and order-free."""
     items = params.items() if isinstance(params, dict) else (params or ())
     return tuple(sorted((str(k), _frozen_value(str(k), v)) for k, v in items))
+
+
+def _check_field_types(cfg: ExperimentConfig) -> None:
+    """ValueError naming the first config field of the wrong type or range (a YAML grid's
+    `seed: "0"` would make another cache key, `epochs: 2.5` a crash deep in training)."""
+    for name in ("dataset", "model", "defense", "attack"):
+        value = getattr(cfg, name)
+        if not (value is None and name == "attack") and (not isinstance(value, str) or not value):
+            none = " or None" if name == "attack" else ""
+            raise ValueError(f"{name}={value!r}; must be a name (str){none}")
+    for name, minimum in (("seed", 0), ("target", 0), ("epochs", 1), ("batch_size", 2)):
+        check_int(name, getattr(cfg, name), minimum)
+    for name in ("train_size", "test_size"):
+        if getattr(cfg, name) is not None:
+            check_int(name, getattr(cfg, name), 1)
+    check_bool("augment", cfg.augment)
+    stages = cfg.track_stages
+    if isinstance(stages, str) or not all(isinstance(x, str) and x for x in stages):
+        raise ValueError(f"track_stages={stages!r}; must be a list of stage names (str)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,17 +113,16 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "attack_params", _freeze(self.attack_params))
         object.__setattr__(self, "defense_params", _freeze(self.defense_params))
+        _check_field_types(self)
         object.__setattr__(self, "track_stages", tuple(self.track_stages))
-        for name in ("poison_rate", "lr", "clean_reserve"):
-            object.__setattr__(self, name, float(getattr(self, name)))
-        if self.attack is not None and not 0.0 < self.poison_rate <= 1.0:
-            raise ValueError(f"poison_rate={self.poison_rate}; must be in (0, 1]")
-        if not 0.0 <= self.clean_reserve < 0.5:
-            raise ValueError(f"clean_reserve={self.clean_reserve}; must be in [0, 0.5)")
-        if self.epochs < 1 or self.batch_size < 2:
-            raise ValueError(
-                f"epochs={self.epochs}, batch_size={self.batch_size}; need >= 1 and >= 2"
-            )
+        rate_range: dict[str, Any] = {"low": 0.0, "high": 1.0, "low_open": True}
+        floats = {
+            "poison_rate": rate_range if self.attack is not None else {},
+            "lr": {"low": 0.0, "low_open": True},
+            "clean_reserve": {"low": 0.0, "high": 0.5, "high_open": True},
+        }
+        for name, bounds in floats.items():
+            object.__setattr__(self, name, check_float(name, getattr(self, name), **bounds))
 
     @classmethod
     def from_profile(
@@ -258,13 +277,26 @@ def is_cached(cfg: ExperimentConfig) -> bool:
     return cached_record(cfg) is not None
 
 
-def prepare_data(cfg: ExperimentConfig) -> ExperimentData:
-    """Load, subsample, hold out the clean reserve, poison the rest, trigger the test set."""
+def check_config(cfg: ExperimentConfig) -> None:
+    """ValueError for a config that cannot run, before any data is read or model trained: an
+    unknown data set, model, attack or defence, a target outside the data set's classes, or
+    a parameter the attack or defence does not take or refuses (each named, with what is
+    allowed)."""
     info = dataset_info(cfg.dataset)
+    lookup(MODELS, "model", cfg.model)
     if not 0 <= cfg.target < info.num_classes:
         raise ValueError(
             f"target={cfg.target}; {cfg.dataset} has classes 0..{info.num_classes - 1}"
         )
+    if cfg.attack is not None:
+        _attack_params(cfg.attack, cfg.attack_params, cfg.target, info.num_classes)
+    recorded_params(cfg.defense, dict(cfg.defense_params))
+
+
+def prepare_data(cfg: ExperimentConfig) -> ExperimentData:
+    """Load, subsample, hold out the clean reserve, poison the rest, trigger the test set."""
+    check_config(cfg)
+    info = dataset_info(cfg.dataset)
     train = load_dataset(cfg.dataset, "train")
     train_x, train_y = take_subset(*train, cfg.train_size, cfg.seed, name="train_size")
     test = load_dataset(cfg.dataset, "test")

@@ -21,12 +21,15 @@ from tqdm.auto import tqdm
 
 from eglib.experiments import (
     ExperimentConfig,
+    check_config,
     is_cached,
     record_row,
     run_experiment,
     undefended_config,
 )
 from eglib.io import write_text_atomic
+
+PARAM_FIELDS = ("attack_params", "defense_params")  # the config fields a dotted key enters
 
 
 def load_grid(path: str | Path) -> list[ExperimentConfig]:
@@ -41,6 +44,11 @@ def load_grid(path: str | Path) -> list[ExperimentConfig]:
     allowed = {"profile", "base", "grid"}
     if not isinstance(spec, dict) or set(spec) - allowed:
         raise ValueError(f"grid file {path}: top-level keys must be among {sorted(allowed)}")
+    for part in ("base", "grid"):
+        if not isinstance(spec.get(part, {}), dict):
+            raise ValueError(
+                f"grid file {path}: {part!r} must be a mapping of fields, got {spec[part]!r}"
+            )
     return expand_grid(spec.get("base", {}), spec.get("grid", {}), spec.get("profile"))
 
 
@@ -58,9 +66,10 @@ def expand_grid(
             if "." in name:
                 outer, inner = name.split(".", 1)
                 nested = fields.setdefault(outer, {})
-                if not isinstance(nested, dict):
+                if outer not in PARAM_FIELDS or not isinstance(nested, dict):
                     raise ValueError(
-                        f"grid key {name!r}: field {outer!r} is not a dict of parameters"
+                        f"grid key {name!r}: {outer!r} is not a dict of parameters; dotted "
+                        f"keys vary one entry of {list(PARAM_FIELDS)}"
                     )
                 nested[inner] = value
             else:
@@ -80,7 +89,7 @@ def _describe(cfg: ExperimentConfig) -> str:
     """A config in one line: its key and the fields that tell runs of a grid apart."""
     return (
         f"key {cfg.key()}: {cfg.attack} {cfg.poison_rate:g} {cfg.model} "
-        f"defense={cfg.defense} seed={cfg.seed}"
+        f"defense={cfg.defense} seed={cfg.seed!r}"
     )
 
 
@@ -135,6 +144,11 @@ def run_grid(
     configs = list(configs)
     if jobs < 1:
         raise ValueError(f"jobs={jobs}; must be >= 1")
+    for i, cfg in enumerate(configs):  # a bad config fails now, not after the others trained
+        try:
+            check_config(cfg)
+        except ValueError as error:
+            raise ValueError(f"run {i} of the grid ({_describe(cfg)}): {error}") from error
     threads = max(1, (os.cpu_count() or 1) // jobs)
     label = label or f"sweep ({sum(map(is_cached, configs))} cached)"
     rows: list[dict[str, Any] | None] = [None] * len(configs)

@@ -97,6 +97,53 @@ def test_expand_grid_unknown_field_is_a_clear_value_error() -> None:
         sweep.expand_grid({}, {"atack": ["badnets"]}, "ci")
     with pytest.raises(ValueError, match="'seed' is not a dict"):
         sweep.expand_grid({"seed": 0}, {"seed.x": [1]}, "ci")
+    with pytest.raises(ValueError, match="'attack' is not a dict"):  # made {'x': 1} before
+        sweep.expand_grid({}, {"attack.x": [1]}, "ci")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"seed": "0"}, "seed='0'; must be an int >= 0"),  # another cache key than seed 0
+        ({"seed": True}, "seed=True; must be an int"),
+        ({"epochs": 2.5}, "epochs=2.5; must be an int >= 1"),
+        ({"epochs": "5"}, "epochs='5'; must be an int"),
+        ({"train_size": -5}, "train_size=-5; must be an int >= 1"),
+        ({"target": "1"}, "target='1'; must be an int"),
+        ({"attack": 5}, "attack=5; must be a name"),
+        ({"poison_rate": "abc"}, "poison_rate='abc'; must be a finite number in \\(0.0, 1.0\\]"),
+        ({"augment": 1}, "augment=1; must be True or False"),
+        ({"track_stages": "conv1"}, "track_stages='conv1'; must be a list of stage names"),
+    ],
+)
+def test_config_fields_of_the_wrong_type_are_named(fields: dict[str, Any], message: str) -> None:
+    """A grid file's `seed: "0"` or `epochs: 2.5` was taken silently (or crashed in training)."""
+    with pytest.raises(ValueError, match=message):
+        sweep.expand_grid({}, {name: [value] for name, value in fields.items()}, "ci")
+
+
+def test_run_grid_checks_every_config_before_training_any(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unknown model or parameter, or a missing one, failed only when its run came up,
+    after the runs before it had trained (an unknown parameter as a bare TypeError)."""
+    monkeypatch.setenv("EGLIB_CACHE", str(tmp_path))
+    monkeypatch.setattr(sweep, "_run_one", lambda *a: pytest.fail("a run started"))
+    good = sweep.expand_grid({"attack": "badnets"}, {"seed": [0]}, "ci")[0]
+    bad = [
+        (good.replace(model="resnet-9"), "unknown model 'resnet-9'; allowed"),
+        (good.replace(attack_params={"kk": 3}), "attack 'badnets' has no parameter 'kk'"),
+        (good.replace(defense="ft", defense_params={"kk": 3}), "no parameter 'kk'; allowed"),
+        (good.replace(defense="eigenguard"), "defence 'eigenguard' needs the parameter 'k'"),
+        (
+            good.replace(defense="eigenguard", defense_params={"k": "abc"}),
+            "k='abc'; must be an int",
+        ),
+        (good.replace(target=12), "target=12; fashion-mnist has classes 0..9"),
+    ]
+    for cfg, message in bad:
+        with pytest.raises(ValueError, match=f"run 1 of the grid .*{message}"):
+            sweep.run_grid([good, cfg], jobs=1, progress=False)
 
 
 def test_expand_grid_bad_values_name_themselves() -> None:
@@ -215,6 +262,7 @@ def test_runs_that_repair_the_undefended_model_wait_for_it(
     configs = sweep.expand_grid(
         {"attack": "badnets"}, {"defense": ["ft", "eigenguard", "none"]}, "ci"
     )
+    configs[1] = configs[1].replace(defense_params={"k": 4})
     assert sweep.run_waves(configs) == [[1, 2], [0]]  # EigenGuard trains its own model
     rows = sweep.run_grid(configs, jobs=2, progress=False)
     assert rows == [
@@ -318,3 +366,30 @@ def test_sigterm_to_a_sweep_stops_its_workers(tmp_path: Path) -> None:
         for worker in workers:
             if _alive(worker):
                 os.kill(worker, signal.SIGKILL)
+
+
+def test_cli_bad_input_is_one_line_and_status_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--jobs 0` was a traceback, `train --epochs 0` ran the profile's epochs, and an
+    `--out` folder failed only after the whole sweep had trained."""
+    from eglib.__main__ import main
+
+    monkeypatch.setenv("EGLIB_CACHE", str(tmp_path))
+    monkeypatch.setattr(sweep, "_run_one", lambda *a: pytest.fail("a run started"))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("profile: ci\nbase: {attack: badnets}\ngrid: {seed: [0]}\n")
+    cases = [
+        (["sweep", str(grid), "--jobs", "0"], "'0' is not an int >= 1"),
+        (["sweep", str(grid), "--out", str(tmp_path)], f"--out {tmp_path} is a folder"),
+        (["train", "--profile", "ci", "--epochs", "0"], "epochs=0; must be an int >= 1"),
+        (["train", "--profile", "ci", "--train-size", "0"], "train_size=0; must be an int"),
+        (["train", "--profile", "huge"], "unknown profile 'huge'; allowed"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert "(from EGLIB_PROFILE)" not in err  # the name came from --profile

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from eglib.models.base import StagedNet
-from eglib.registry import add_entry, lookup
+from eglib.registry import add_entry, check_keywords, lookup
 
 DefenseStage = Literal["none", "architecture", "data", "training", "post"]
 
@@ -100,8 +100,10 @@ def register_defense(cls: type[Defense]) -> type[Defense]:
 
 
 def make_defense(name: str, **params: Any) -> Defense:
-    """Build the defence called `name`; an unknown name lists the allowed ones."""
-    return lookup(DEFENSES, "defence", name)(**params)
+    """Build the defence called `name`; an unknown name or parameter lists the allowed ones."""
+    builder = lookup(DEFENSES, "defence", name)
+    check_keywords(builder, "defence", name, params)
+    return builder(**params)
 
 
 def recorded_params(name: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from eglib.defenses.base import Defense, DefenseContext, DefenseOutcome, register_defense, train_on
 from eglib.models.base import StagedNet
+from eglib.registry import check_keywords
 
 
 @register_defense
@@ -37,6 +38,7 @@ class EigenGuardDefense(Defense):
     def __init__(self, at: str | None = None, **guard_params: Any) -> None:
         from eglib.guard import EigenGuard
 
+        check_keywords(EigenGuard, "defence", self.name, guard_params, also=("at",))
         EigenGuard(**guard_params)  # validates the parameters now, not after training
         self.at = at
         self.guard_params = dict(guard_params)

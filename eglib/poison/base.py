@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from eglib.params import check_int
-from eglib.registry import add_entry, lookup
+from eglib.registry import add_entry, check_keywords, lookup
 
 LabelPolicy = Literal["all-to-one", "all-to-all"]
 LABEL_POLICIES: tuple[str, ...] = ("all-to-one", "all-to-all")
@@ -103,5 +103,8 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
 
 
 def make_attack(name: str, **params: Any) -> Attack:
-    """Build the attack called `name` with `params`; an unknown name lists the allowed ones."""
-    return lookup(ATTACKS, "attack", name)(**params)
+    """Build the attack called `name` with `params`; an unknown name or parameter lists the
+    allowed ones."""
+    builder = lookup(ATTACKS, "attack", name)
+    check_keywords(builder, "attack", name, params)
+    return builder(**params)

@@ -77,6 +77,10 @@ def _check_field_types(cfg: ExperimentConfig) -> None:
         if getattr(cfg, name) is not None:
             check_int(name, getattr(cfg, name), 1)
     check_bool("augment", cfg.augment)
+    if cfg.attack is None and cfg.attack_params:
+        raise ValueError(
+            f"attack_params={dict(cfg.attack_params)!r} with attack=None: no attack takes them"
+        )
     stages = cfg.track_stages
     if isinstance(stages, str) or not all(isinstance(x, str) and x for x in stages):
         raise ValueError(f"track_stages={stages!r}; must be a list of stage names (str)")

@@ -114,6 +114,7 @@ def test_expand_grid_unknown_field_is_a_clear_value_error() -> None:
         ({"poison_rate": "abc"}, "poison_rate='abc'; must be a finite number in \\(0.0, 1.0\\]"),
         ({"augment": 1}, "augment=1; must be True or False"),
         ({"track_stages": "conv1"}, "track_stages='conv1'; must be a list of stage names"),
+        ({"attack": None, "attack_params": {"size": 3}}, "with attack=None: no attack takes"),
     ],
 )
 def test_config_fields_of_the_wrong_type_are_named(fields: dict[str, Any], message: str) -> None:

@@ -139,6 +139,11 @@ def test_trend_table_checks_observation_3_per_filter_and_protocol() -> None:
     assert remove["worst_acc_drop_per_sample"] == 10.0 and remove["holds_per_sample"] is False
     with pytest.raises(ValueError, match="undefended"):
         forced_dimension.trend_table(rows[1:])
+    # an unlearned backdoor (undefended ASR 30 %): no verdict, though the ASR 'fell'
+    weak = [_row(UNDEFENDED, 0, None, acc=0.9, asr=0.3), *rows[1:3]]
+    weak[1]["asr_per_sample"] = 0.3
+    void = forced_dimension.trend_table(weak)[0]
+    assert void["holds_per_sample"] is None and void["undefended_asr"] == 30.0
 
 
 def test_tables_for_reading() -> None:
@@ -149,12 +154,12 @@ def test_tables_for_reading() -> None:
     assert table[0]["ACC (%), per-sample"] == "60.0 ± 14.1"
     assert table[0]["ASR (%), pure triggered batches"] == "10.0 ± 0.0"
     eval_rows = [
-        {"ablation": "eval_mode", "eval_mode": m, "batch_size": b, "acc": acc, "asr": 0.2}
+        {"ablation": "eval_mode", "eval_mode": m, "eval_batch_size": b, "acc": acc, "asr": 0.2}
         for m, b, acc in (("running", 1, 0.6), ("running", 8, 0.6), ("batch", 1, None))
         + (("batch", 8, 0.5),)
     ]
     shown = ablations.ablation_table(eval_rows, "eval_mode")
-    assert [(e["batch_size"], e["eval_mode"]) for e in shown][:2] == [
+    assert [(e["eval_batch_size"], e["eval_mode"]) for e in shown][:2] == [
         (1, "running"),
         (8, "running"),
     ]
@@ -206,7 +211,7 @@ def test_eval_mode_batch_of_one_is_reported_undefined() -> None:
     torch.set_num_threads(2)
     rows = ablations.eval_mode_rows(model, images[:30], labels[:30], triggered, (1, 3, 10))
     assert torch.get_num_threads() == 2  # small batches ran on one thread; restored after
-    by = {(r["eval_mode"], r["batch_size"]): r for r in rows}
+    by = {(r["eval_mode"], r["eval_batch_size"]): r for r in rows}
     assert set(by) == {(m, b) for m in ("running", "batch") for b in (1, 3, 10)}
     for size in (1, 3):  # a batch-wise filter with k = 4 cannot run on batches of 1 or 3
         row = by[("batch", size)]
@@ -345,11 +350,20 @@ def test_ablations_cached_only_read_the_runs_the_cache_holds(
         "preact-resnet18",
     ]  # its undefended run and the guard at its default stage, layer1
     assert result.notes["cached_only"] is True
+    assert result.seeds == (0,)
+    rows = [{**r, "seed": 1} for r in layer[:1]] + result.rows  # a second seed, one point
+    title = ablations.ablation_figure("layer", rows, "full").get_suptitle()
+    assert "1-2 seeds per point" in title  # it said '2 seed(s)' for every point
+    plt.close("all")
 
 
 def _record_of(cfg: ExperimentConfig) -> dict:
     """A finished run's record as `record_row` reads it (metrics made up)."""
-    metrics = {"acc": 0.9, "asr": 0.5}
+    metrics = {
+        "acc": 0.9,
+        "asr": 0.5,
+        "protocols": {p: {"acc": 0.9, "asr": 0.5} for p in PROTOCOLS},
+    }
     timings = {"train_s": 1.0}
     return {"config": cfg.to_dict(), "key": cfg.key(), "metrics": metrics, "timings": timings}
 
@@ -407,7 +421,7 @@ def test_ablation_figures_one_per_sub_ablation() -> None:
             "variant": "kth",
             "seed": 0,
             "eval_mode": m,
-            "batch_size": b,
+            "eval_batch_size": b,
             "acc": None if (m, b) == ("batch", 1) else 0.8,
             "asr": None if (m, b) == ("batch", 1) else 0.1,
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -362,3 +363,28 @@ def test_cli_figures_parses_the_subset(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert seen["options"] == {"ablations": ("layer",), "include_slow": True}
     with pytest.raises(SystemExit):
         main(["figures", "--seeds", "0,x"])
+
+
+def test_recorded_commands_parse_and_options_are_the_clis(tmp_path: Path) -> None:
+    """spectra.run's `k` got through make_figures and crashed the command's writing after the
+    run (no files); --no-include-slow and --detection were written, which the CLI lacks."""
+    from eglib.__main__ import build_parser
+    from eglib.studies import FIGURES_OPTIONS, figures_command
+
+    with pytest.raises(ValueError, match=r"options \['k'\] need exactly one study"):
+        make_figures("ci", tmp_path, only=["spectra"], options={"k": 5})
+    for name, options in (
+        ("ablations", {"include_slow": False, "ablations": ("layer",), "seeds": (0, 1)}),
+        ("ablations", {"include_slow": True, "cached_only": True}),
+        ("defence_table", {"detection": True, "attacks": ("badnets",)}),
+        ("defence_table", {"detection": False, "cached_only": False}),
+        ("forced_dimension", {"grid": "lite"}),
+    ):
+        command = figures_command("full", name, tmp_path / "out", options)
+        args = build_parser().parse_args(shlex.split(command)[3:])  # after 'python -m eglib'
+        assert args.only == [name], command
+        assert "--no-include-slow" not in command and "--detection" not in command
+    flags = {
+        a.dest for a in build_parser()._subparsers._group_actions[0].choices["figures"]._actions
+    }
+    assert {o if o != "detection" else "no_detection" for o in FIGURES_OPTIONS} <= flags

@@ -42,10 +42,26 @@ FIGURES_DIR = Path("figures")  # where the committed figures live (the commands'
 __all__ = ["STUDIES", "Study", "StudyResult", "figure_path", "make_figures", "write_study"]
 
 
+# The options `python -m eglib figures` has flags for: `make_figures` passes only these on, so
+# the command it records can regenerate the files.
+FIGURES_OPTIONS = frozenset(
+    {
+        "attacks",
+        "defenses",
+        "seeds",
+        "grid",
+        "ablations",
+        "detection",
+        "cached_only",
+        "include_slow",
+    }
+)
+
+
 def _run_options(name: str) -> set[str]:
-    """The keyword options a study's `run` takes beyond the profile and `progress`."""
+    """The options of `FIGURES_OPTIONS` a study's `run` takes (keyword-only)."""
     params = inspect.signature(STUDIES[name].run).parameters
-    return {p for p, v in params.items() if v.kind is v.KEYWORD_ONLY} - {"progress", "jobs"}
+    return {p for p, v in params.items() if v.kind is v.KEYWORD_ONLY} & FIGURES_OPTIONS
 
 
 def figure_path(out_dir: str | Path, name: str, suffix: str) -> Path:
@@ -56,12 +72,16 @@ def figure_path(out_dir: str | Path, name: str, suffix: str) -> Path:
 def figures_command(
     profile: str, name: str, out_dir: str | Path, options: Mapping[str, Any] | None = None
 ) -> str:
-    """The `python -m eglib figures` command line that regenerates one study's files."""
+    """The `python -m eglib figures` command line that regenerates one study's files (an
+    option at its default in the study's `run` is left out: the CLI has no flag for it)."""
     parts = ["python", "-m", "eglib", "figures", "--profile", profile, "--only", name]
     if Path(out_dir) != FIGURES_DIR:
         parts += ["--out", str(out_dir)]
+    defaults = inspect.signature(STUDIES[name].run).parameters
     for key, value in (options or {}).items():
         flag = key.replace("_", "-")
+        if key in defaults and value is defaults[key].default:
+            continue
         if value is False:
             parts.append(f"--no-{flag}")
         elif value is True:

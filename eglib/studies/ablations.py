@@ -65,7 +65,7 @@ class AblationGrid:
     slow_layer_models: tuple[str, ...] = field(default=())
 
 
-ALL_MODELS = ("cnn-small", "resnet18", "preact-resnet18", "vgg16", "mobilenetv2")
+ALL_MODELS = ("cnn-small", "resnet18", "resnet34", "preact-resnet18", "vgg16", "mobilenetv2")
 # The reference filter: 'kth' with the tail left alone (EigenGuard's documented provisional
 # default) at k = 4, a point of every profile's forced-dimension grid (so it is cached there).
 REFERENCE: dict[str, Any] = {"k": 4, "variant": "kth", "tail_scale": 1.0}
@@ -262,7 +262,7 @@ def eval_mode_rows(
     rows = []
     for mode in EVAL_MODES:
         for size in batch_sizes:
-            row: dict[str, Any] = {"eval_mode": mode, "batch_size": size, "defined": True}
+            row: dict[str, Any] = {"eval_mode": mode, "eval_batch_size": size, "defined": True}
             threads = 1 if size < SMALL_BATCH else torch.get_num_threads()
             with guards_eval_mode(model, mode), torch_threads(threads):
                 try:
@@ -371,7 +371,10 @@ def run(
         name=NAME,
         profile=prof.name,
         rows=rows,
-        seeds=tuple(prof.seeds if seeds is None else seeds),
+        # cached-only: the seeds the cache held, not those asked for
+        seeds=tuple(sorted({r["seed"] for r in rows}))
+        if cached_only
+        else tuple(prof.seeds if seeds is None else seeds),
         notes={
             "ablations": names,
             "dataset": DATASET,
@@ -410,7 +413,7 @@ FIGURES: dict[str, dict[str, Any]] = {
     "rule": {"param": "variant", "xlabel": "rule ('none': undefended)"},
     "poison_rate": {"param": "poison_rate", "hue": "variant", "xlabel": "poison rate"},
     "eval_mode": {
-        "param": "batch_size",
+        "param": "eval_batch_size",
         "hue": "eval_mode",
         "protocols": None,
         "logx": True,
@@ -434,15 +437,29 @@ def ablation_figure(name: str, rows: Sequence[dict[str, Any]], profile: str = ""
         mine = [r for r in mine if r["variant"] != UNDEFENDED]
     if name == "tail":
         mine = [{**r, "tail_scale": f"x {r['tail_scale']:g}"} for r in mine]
-    seeds = len({r.get("seed") for r in mine})
+    param = spec.pop("param")
     ref = ", ".join(f"{k}={v}" for k, v in REFERENCE.items())
     return metric_vs_param(
         mine,
-        spec.pop("param"),
+        param,
         baseline=baseline,
-        title=f"ablation '{name}' around {ref}: {seeds} seed(s), profile {profile or '?'}",
+        title=f"ablation '{name}' around {ref}: {_seeds_per_point([*mine, *baseline], param)}, "
+        f"profile {profile or '?'}",
         **spec,
     )
+
+
+def _seeds_per_point(rows: Sequence[dict[str, Any]], param: str) -> str:
+    """'3 seed(s)', or '1-3 seeds per point' when the points (and the baseline) average
+    different numbers of seeds (a cached-only table)."""
+    seeds: dict[tuple[Any, ...], set[Any]] = {}
+    for row in rows:
+        point = (row.get(param), row.get("variant"), row.get("model"), row.get("eval_mode"))
+        seeds.setdefault(point, set()).add(row.get("seed"))
+    counts = sorted({len(s) for s in seeds.values()})
+    if len(counts) == 1:
+        return f"{counts[0]} seed(s)"
+    return f"{counts[0]}-{counts[-1]} seeds per point"
 
 
 def ablation_table(rows: Sequence[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -465,14 +482,14 @@ def eval_mode_findings(rows: Sequence[dict[str, Any]]) -> list[str]:
     sentences = []
     for mode in EVAL_MODES:
         table = summarise(
-            [r for r in mine if r["eval_mode"] == mode], ["batch_size"], ["acc", "asr"]
+            [r for r in mine if r["eval_mode"] == mode], ["eval_batch_size"], ["acc", "asr"]
         )
-        undefined = [e["batch_size"] for e in table if math.isnan(e["acc"])]
+        undefined = [e["eval_batch_size"] for e in table if math.isnan(e["acc"])]
         defined = [e for e in table if not math.isnan(e["acc"])]
         if undefined:
             sentences.append(f"{mode}: undefined at evaluation batch size(s) {undefined}.")
         for metric in ("acc", "asr"):
-            values = {e["batch_size"]: round(100 * e[metric], 1) for e in defined}
+            values = {e["eval_batch_size"]: round(100 * e[metric], 1) for e in defined}
             spread = max(values.values()) - min(values.values()) if values else math.nan
             sentences.append(
                 f"{mode}: {metric.upper()} (%) by batch size {values}: spread {spread:.1f} points."

@@ -207,14 +207,17 @@ def percent_table(
 ASR_FALL = 0.10
 
 
+LEARNED_ASR = 0.5  # an undefended per-sample ASR below this: the backdoor was not learned
+
+
 def trend_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Observation 3, checked per filter (variant, tail_scale) and protocol, in % points.
 
     Columns per protocol p: `asr_kmin_<p>` / `asr_kmax_<p>` (mean ASR at the smallest and
     largest k), `worst_acc_drop_<p>` (largest ACC loss against the undefended model over
-    all k) and `holds_<p>` (ASR fell by >= ASR_FALL and ACC stayed within MAX_ACC_DROP).
-    Plus `undefended_asr` (per-sample; below 50 % the backdoor was not learned and the
-    check is void) and the k range.
+    all k) and `holds_<p>` (ASR fell by >= ASR_FALL and ACC stayed within MAX_ACC_DROP;
+    None, void, when the undefended per-sample ASR is below `LEARNED_ASR`: no backdoor was
+    learned to fall). Plus `undefended_asr` and the k range.
     """
     base = summarise([r for r in rows if r["variant"] == UNDEFENDED], ["variant"])
     if not base:
@@ -240,7 +243,8 @@ def trend_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"asr_kmin_{p}"] = round(100 * first[f"asr_{p}"], 1)
             row[f"asr_kmax_{p}"] = round(100 * last[f"asr_{p}"], 1)
             row[f"worst_acc_drop_{p}"] = round(100 * drop, 1)
-            row[f"holds_{p}"] = bool(fall >= ASR_FALL and drop <= MAX_ACC_DROP + 1e-9)
+            holds = bool(fall >= ASR_FALL and drop <= MAX_ACC_DROP + 1e-9)
+            row[f"holds_{p}"] = holds if base[0]["asr_per_sample"] >= LEARNED_ASR else None
         table.append(row)
     return table
 

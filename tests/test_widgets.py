@@ -122,6 +122,11 @@ def reference_metrics(result: ExperimentResult, explorer: SpectralExplorer, laye
     calibration = capture_features(model, sets.calibration, [layer])[layer]
     guard = insert_guard(model, at=layer, k=k)
     calibrate_running_stats(guard, calibration, result.config.batch_size)
+    return end_to_end(model, result, sets)
+
+
+def end_to_end(model: nn.Module, result: ExperimentResult, sets: Any) -> dict:
+    """ACC/ASR of `model` under the three protocols on the explorer's evaluation images."""
     return evaluate_protocols(
         model,
         sets.eval_clean,
@@ -180,16 +185,7 @@ def test_as_trained_column_of_a_guarded_model_is_the_model_end_to_end() -> None:
     guard = insert_guard(result.model, at="stem", k=8, rule="remove")
     calibrate_running_stats(guard, calibration, result.config.batch_size)
     explorer = make_explorer({"badnets": result}, k=2)
-    sets = explorer._sets["badnets"]
-    want = evaluate_protocols(
-        result.model,
-        sets.eval_clean,
-        sets.eval_labels,
-        sets.eval_triggered,
-        poison_rate=result.config.poison_rate,
-        batch_size=result.config.batch_size,
-        seed=0,
-    )
+    want = end_to_end(result.model, result, explorer._sets["badnets"])
     assert want["mixed"] != want["per_sample"]  # the batch-wise guard acts on mixed batches
     for layer in ("stem", "layer2", "layer1"):
         explorer._unguarded.clear()

@@ -132,7 +132,9 @@ def cmd_figures(args: argparse.Namespace) -> None:
         options["cached_only"] = True
     if args.include_slow:
         options["include_slow"] = True
-    make_figures(profile=args.profile, out_dir=args.out, only=args.only, options=options)
+    make_figures(
+        profile=args.profile, out_dir=args.out, only=args.only, options=options, jobs=args.jobs
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -200,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--profile")
     figures.add_argument("--only", action="append", help="a study name (repeatable)")
     figures.add_argument("--out", type=Path, default=FIGURES, help="folder (default figures/)")
+    figures.add_argument(
+        "--jobs",
+        type=_positive_int,
+        help="worker processes for the runs to train (default: one per CPU core; 1 on a GPU, "
+        "where 3 sharing it are faster)",
+    )
     subset = figures.add_argument_group(
         "a subset of the profile's grid (one --only study that takes it: --seeds in "
         "defence_table, forced_dimension and ablations, --grid in forced_dimension, "

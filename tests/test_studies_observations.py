@@ -303,6 +303,25 @@ def _fake_subset_study() -> SimpleNamespace:
     return SimpleNamespace(run=run, figures=lambda result: {})
 
 
+def test_make_figures_passes_jobs_to_the_studies_that_train_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`figures --jobs 3` (3 workers sharing a GPU): the studies that take `jobs` get it and
+    their command records it; a study without it runs as before."""
+    seen: list[Any] = []
+    study = _fake_subset_study()
+    fake_run = study.run
+    study.run = lambda profile=None, *, progress=True, jobs=None, **kw: (
+        seen.append(jobs) or fake_run(profile, progress=progress, **kw)
+    )
+    monkeypatch.setitem(studies.STUDIES, "subset", study)
+    make_figures("ci", tmp_path, only=["subset"], progress=False, jobs=3)
+    assert seen == [3]
+    assert json.loads((tmp_path / "subset.json").read_text())["command"].endswith("--jobs 3")
+    with pytest.raises(ValueError, match="jobs=0; must be >= 1"):
+        make_figures("ci", tmp_path, only=["subset"], jobs=0)
+
+
 def test_make_figures_passes_subset_options_and_records_the_command(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -361,6 +380,9 @@ def test_cli_figures_parses_the_subset(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert seen["options"] == {"ablations": ("eval_mode", "poison_rate")}
     main(["figures", "--only", "ablations", "--ablations", "layer", "--include-slow"])
     assert seen["options"] == {"ablations": ("layer",), "include_slow": True}
+    assert seen["jobs"] is None
+    main(["figures", "--only", "ablations", "--jobs", "3"])
+    assert seen["jobs"] == 3
     with pytest.raises(SystemExit):
         main(["figures", "--seeds", "0,x"])
 

@@ -293,6 +293,11 @@ def test_every_defence_runs_end_to_end(name: str) -> None:
     ctx = tiny_context()
     asked: list[bool] = []
     ctx.undefended = lambda: asked.append(True)  # no cached run: the defence trains its own
+    trained_on: list[int] = []
+    train = ctx.train
+    ctx.train = lambda model, images, labels, *a, **kw: (  # type: ignore[method-assign]
+        trained_on.append(len(images)) or train(model, images, labels, *a, **kw)
+    )
     defense = make_defense(name, **SMOKE_PARAMS.get(name, {}))
     outcome = defense.run(ctx)
     # a sweep orders runs by this flag: it must say whether the defence asks for the model
@@ -313,6 +318,9 @@ def test_every_defence_runs_end_to_end(name: str) -> None:
             and report["n_removed"] == outcome.info["n_removed"]
         )
         assert 0.0 <= report["auroc"] <= 1.0
+        # the defended model is retrained on the kept samples only, not on everything
+        assert outcome.info["n_removed"] > 0
+        assert trained_on[-1] == outcome.info["n_kept"] == len(ctx.labels) - report["n_removed"]
 
 
 def test_clean_data_defences_need_the_reserve() -> None:

@@ -239,6 +239,8 @@ def test_a_runs_headline_metrics_are_per_sample_whatever_the_guards_mode() -> No
     metrics = evaluate_run(model, cfg, data)  # type: ignore[arg-type]
     assert metrics["acc"] == metrics["protocols"]["per_sample"]["acc"] == 1.0
     assert metrics["protocols"]["pure"]["acc"] < 1.0  # the batch mode does differ here
+    assert metrics["asr"] == metrics["protocols"]["per_sample"]["asr"]
+    assert metrics["asr"] not in (metrics["protocols"][p]["asr"] for p in ("mixed", "pure"))
     assert _epoch_metrics(data)(model) == {"acc": 1.0, "asr": 1.0}  # type: ignore[arg-type]
     no_attack = evaluate_run(model, cfg, SimpleNamespace(**{**vars(data), "triggered": None}))
     assert no_attack == {"acc": 1.0} and guard.eval_mode == "batch"  # and restored

@@ -199,6 +199,35 @@ def test_a_changed_attack_default_makes_a_record_stale(monkeypatch) -> None:
     experiments._attack_params.cache_clear()
 
 
+def test_a_stale_cached_run_is_not_served_and_a_dropped_parameter_counts(
+    tmp_cache, monkeypatch
+) -> None:
+    """is_cached (what a run or sweep asks) must apply the attack check, not only the
+    defence's; and a parameter the defence no longer has makes its record stale too."""
+    cfg = ExperimentConfig(**TINY)
+    attack = make_attack("badnets", target=cfg.target, num_classes=10)
+    record = {
+        "key": cfg.key(),
+        "config": cfg.to_dict(),
+        "poison": {"params": json.loads(json.dumps(attack.params()))},
+    }
+    write_json_atomic(run_dir(cfg) / "record.json", record)
+    assert is_cached(cfg)
+    monkeypatch.setitem(BadNets.__init__.__kwdefaults__, "size", attack.size + 1)
+    experiments._attack_params.cache_clear()
+    with pytest.warns(UserWarning, match="other attack parameters"):
+        assert not is_cached(cfg)
+    experiments._attack_params.cache_clear()
+    ft = cfg.replace(defense="ft")
+    params = {**recorded_params("ft"), "dropped": 1}
+    assert stale_defense_params(ft, {"defense": {"params": params}}) == {"dropped": (1, None)}
+    # FT must not repair an undefended model poisoned under the old default either
+    (run_dir(cfg) / "model.pt").write_bytes(b"not a state dict: must never be loaded")
+    with pytest.warns(UserWarning, match="other attack parameters"):
+        assert experiments.cached_undefended(ft) is None
+    experiments._attack_params.cache_clear()
+
+
 def test_cli_train_prints_a_row(tiny_fashion, tmp_cache, capsys, monkeypatch) -> None:
     tiny = Profile("tiny", train_size=300, test_size=100, epochs=1, batch_size=32, seeds=(0,))
     monkeypatch.setitem(PROFILES, "tiny", tiny)

@@ -225,7 +225,7 @@ def test_running_second_moment_is_an_ema() -> None:
 
 def test_batch_mode_equals_training_filter_and_refuses_a_batch_of_one() -> None:
     guard, x = _trained_guard()
-    before = guard.state_dict()
+    before = {n: v.clone() for n, v in guard.state_dict().items()}  # a state_dict aliases
     guard.eval_mode = "batch"
     want = svd_filter(x, k=3, rule="kth", tail_scale=0.5)
     torch.testing.assert_close(guard(x), want, rtol=1e-4, atol=1e-4)

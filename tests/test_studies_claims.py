@@ -19,6 +19,7 @@ import torch
 
 from eglib.config import PROFILES
 from eglib.defenses import make_defense
+from eglib.defenses.base import recorded_params
 from eglib.experiments import ExperimentConfig, run_dir
 from eglib.guard import EigenGuard, insert_guard
 from eglib.io import write_json_atomic
@@ -111,13 +112,16 @@ def test_summarise_mean_std_and_undefined_values() -> None:
         {"g": "a", "acc": 0.5, "asr": None},
         {"g": "a", "acc": 0.7, "asr": 0.2},
         {"g": "b", "acc": 0.9, "asr": math.nan},
+        {"g": "c", "acc": 0.9, "asr": math.nan},
+        {"g": "c", "acc": 0.8, "asr": 0.3},  # NaN beside a value: left out of the mean
     ]
     table = summarise(rows, ["g"], metrics=["acc", "asr"])
-    assert [e["g"] for e in table] == ["a", "b"] and [e["n"] for e in table] == [2, 1]
+    assert [e["g"] for e in table] == ["a", "b", "c"] and [e["n"] for e in table] == [2, 1, 2]
     assert table[0]["acc"] == pytest.approx(0.6)
     assert table[0]["acc_std"] == pytest.approx(math.sqrt(0.02))  # sample std
     assert table[0]["asr"] == pytest.approx(0.2) and math.isnan(table[0]["asr_std"])
     assert math.isnan(table[1]["asr"])
+    assert table[2]["asr"] == pytest.approx(0.3)
 
 
 def test_trend_table_checks_observation_3_per_filter_and_protocol() -> None:
@@ -389,6 +393,15 @@ def test_run_records_labels_its_bar_with_the_cached_count(
     assert [r["key"] for r in records] == [c.key() for c in [*configs, configs[0]]]
     assert seen["missing"] == configs[1:]
     assert seen["label"] == "training 2 runs (1 cached)"
+    # a record trained under another defence default is not cached: it is trained again
+    guarded = study_config("ci", 0, guard_params(4, "kth", 1.0))
+    stale = {"config": guarded.to_dict(), "key": guarded.key()}
+    stale["defense"] = {"params": {**recorded_params("eigenguard", dict(guarded.defense_params))}}
+    stale["defense"]["params"]["momentum"] = 0.5  # not today's default
+    write_json_atomic(run_dir(guarded) / "record.json", stale)
+    with pytest.warns(UserWarning, match="other defence parameters"):
+        runs.run_records([guarded], jobs=1)
+    assert seen["missing"] == [guarded]
 
 
 def _fake_rows() -> list[dict]:

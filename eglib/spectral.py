@@ -127,6 +127,7 @@ def top_right_basis(A: torch.Tensor, k: int, *, center: bool = False) -> torch.T
     """
     M = _rows64(A, k, center)
     if min(M.shape) > EXACT_MAX_SIDE and k + OVERSAMPLE <= min(M.shape) // 4:
+        require_finite(M)  # the exact route's gram_eigh checks; torch's QR/SVD would not say
         return _randomized_top_basis(M, k)
     if M.shape[1] < M.shape[0]:
         s, V = gram_eigh(M.T)
@@ -181,7 +182,6 @@ def top_tail_projections(
 def _rows64(A: torch.Tensor, k: int, center: bool) -> torch.Tensor:
     """A as a float64 (B, D) matrix, centred if asked; ValueError unless 1 <= k <= min(B, D)."""
     M = flatten_rows(A).to(torch.float64)
-    require_finite(M)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(M.shape):
         raise ValueError(f"k={k!r}; must be an int in [1, min(B, D) = {min(M.shape)}]")
     return M - M.mean(dim=0, keepdim=True) if center else M

@@ -53,6 +53,7 @@ def singular_spectra(records: Sequence[dict[str, Any]], *, title: str | None = N
     colors = dict(
         zip(SPECTRUM_GROUPS, sns.color_palette("colorblind", len(SPECTRUM_GROUPS)), strict=True)
     )
+    mixed_label = _mixed_label(records)
     for rec in records:
         ax = axes[attacks.index(str(rec["attack"])), stages.index(str(rec["stage"]))]
         values = np.asarray(rec["spectrum"], dtype=float)
@@ -64,7 +65,7 @@ def singular_spectra(records: Sequence[dict[str, Any]], *, title: str | None = N
             color=colors.get(group),
             linestyle=SPECTRUM_STYLES.get(group, "-"),
             linewidth=1.6,
-            label=_mixed_label(records) if group == "mixed" else SPECTRUM_LABELS.get(group, group),
+            label=mixed_label if group == "mixed" else SPECTRUM_LABELS.get(group, group),
         )
         ax.set_title(f"{rec['attack']} - {rec['stage']}", fontsize=10)
     for ax in axes[-1]:

@@ -40,7 +40,17 @@ def load_grid(path: str | Path) -> list[ExperimentConfig]:
     `defense_params.k` to vary one parameter of a dict field.
     """
     text = Path(path).read_text()
-    spec = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    try:
+        if str(path).endswith(".json"):
+            spec = json.loads(text, object_pairs_hook=_unique_keys)
+        else:
+            spec = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.MarkedYAMLError as error:
+        where = error.problem_mark or error.context_mark
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ValueError(f"grid file {path}: not valid YAML: {error.problem}{at}") from error
+    except (ValueError, yaml.YAMLError) as error:
+        raise ValueError(f"grid file {path}: {error}") from error
     allowed = {"profile", "base", "grid"}
     if not isinstance(spec, dict) or set(spec) - allowed:
         raise ValueError(f"grid file {path}: top-level keys must be among {sorted(allowed)}")
@@ -50,6 +60,28 @@ def load_grid(path: str | Path) -> list[ExperimentConfig]:
                 f"grid file {path}: {part!r} must be a mapping of fields, got {spec[part]!r}"
             )
     return expand_grid(spec.get("base", {}), spec.get("grid", {}), spec.get("profile"))
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's dict, refusing a key given twice (json keeps the last silently)."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} is given twice; give each field once")
+        seen[key] = value
+    return seen
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, refusing a mapping key given twice (it keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [self.construct_object(key_node, deep=True) for key_node, _ in node.value]
+        for key in keys:
+            if keys.count(key) > 1:
+                line = node.start_mark.line + 1
+                raise ValueError(f"key {key!r} is given twice (mapping at line {line})")
+        return super().construct_mapping(node, deep=deep)
 
 
 def expand_grid(
@@ -75,6 +107,14 @@ def expand_grid(
             else:
                 fields[name] = value
         configs.append(ExperimentConfig.from_profile(profile, **fields))
+    first: dict[str, int] = {}
+    for i, cfg in enumerate(configs):  # a repeated value would run once but count twice
+        j = first.setdefault(cfg.key(), i)
+        if j != i:
+            raise ValueError(
+                f"grid runs {j} and {i} are the same experiment ({_describe(cfg)}); "
+                "give each grid value once"
+            )
     return configs
 
 

@@ -182,12 +182,29 @@ def test_load_grid_yaml_and_json(tmp_path: Path) -> None:
         ("- seed\n- 0\n", "top-level keys must be among"),
         ("profile: ci\ngrid: {seed: 0}\n", "grid entry 'seed' must be a non-empty list, got 0"),
         ("profile: nope\ngrid: {seed: [0]}\n", "unknown profile 'nope'"),
+        (
+            "profile: ci\ngrid:\n  seed: [0]\n  seed: [1]\n",
+            r"key 'seed' is given twice \(mapping at line 3\)",
+        ),
+        ("profile: ci\nprofile: full\ngrid: {seed: [0]}\n", "key 'profile' is given twice"),
+        (
+            "grid: {seed: [0\n",
+            r"not valid YAML: expected ',' or '\]', but got '<stream end>' at line 2",
+        ),
+        ("grid: {seed: [0, 1, 0]}\n", r"grid runs 0 and 2 are the same experiment \(key "),
     ],
 )
 def test_bad_grid_files_give_clear_errors(tmp_path: Path, text: str, match: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
+        sweep.load_grid(path)
+
+
+def test_json_grid_file_refuses_a_key_given_twice(tmp_path: Path) -> None:
+    path = tmp_path / "grid.json"
+    path.write_text('{"profile": "ci", "grid": {"seed": [0], "seed": [1]}}')
+    with pytest.raises(ValueError, match=r"grid file .*grid.json: key 'seed' is given twice"):
         sweep.load_grid(path)
 
 

@@ -91,6 +91,46 @@ def test_ss_removes_top_fraction_per_label() -> None:
     assert bool(found.removed[planted].all())
 
 
+def _global_top_norms(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Norms (N,) of the rows' coordinates on the top-k principal axes of ALL the rows."""
+    centred = features.double() - features.double().mean(dim=0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    return (centred @ vh[:k].T).norm(dim=1)
+
+
+def test_eigenguard_score_overall_centres_scores_and_removes_over_all_samples() -> None:
+    # four labels with far-apart means: over all samples the top axes are the ones between the
+    # label means, so the overall scores (and removals) differ from the per-label ones
+    features, labels, _ = planted_features(0.1)
+    detector = make_detector("eigenguard-score", k=2, per_label=False, rate_guess=0.1)
+    found = detector.detect(features, labels)
+    expected = _global_top_norms(features, k=2)
+    torch.testing.assert_close(found.scores, expected)
+    per_label = score_samples("eigenguard-score", features, labels, k=2, per_label=True)
+    assert not torch.allclose(found.scores, per_label, rtol=0.1)
+    # the top 15 % of all 800 samples, wherever their labels: not 30 per label
+    removed = torch.zeros(len(labels), dtype=torch.bool)
+    removed[expected.topk(120).indices] = True
+    assert torch.equal(found.removed, removed)
+    assert found.removed.view(4, 200).sum(1).tolist() != [30, 30, 30, 30]
+
+
+def test_filters_remove_the_rounded_fraction_per_label_and_overall() -> None:
+    # removal_factor * rate_guess = 0.15 of labels of 7 and 13 samples: 1.05 and 1.95, so
+    # round gives 1 and 2 (floor 1 and 1, ceil 2 and 2); over all 20 samples 3.0000000000000004
+    # (float round-off): round 3, ceil 4
+    features, labels, _ = planted_features(0.0, n_per_label=20, n_labels=1)
+    labels = (torch.arange(20) >= 7).long()
+    for name in ("ss", "spectre"):
+        found = make_detector(name, rate_guess=0.1, removal_factor=1.5).detect(features, labels)
+        assert [int(found.removed[labels == c].sum()) for c in (0, 1)] == [1, 2], name
+    overall = remove_top_fraction(torch.arange(20.0), labels, 0.1 * 1.5, per_label=False)
+    assert overall.nonzero().view(-1).tolist() == [17, 18, 19]
+    # a half rounds up: 0.15 * 30 = 4.5 removes 5 (Python's round, half to even, would give 4)
+    half = remove_top_fraction(torch.arange(30.0), torch.zeros(30).long(), 0.15, per_label=False)
+    assert int(half.sum()) == 5
+
+
 def test_ac_flags_the_smaller_cluster() -> None:
     features, labels, planted = planted_features(0.2)
     found = make_detector("ac").detect(features, labels)
@@ -121,6 +161,23 @@ def test_ac_when_the_planted_group_is_the_majority() -> None:
     assert found.info["clusters"][0]["sizes"] == [90, 110]
     assert not found.info["clusters"][0]["flagged"]
     assert not bool(found.removed.any())
+
+
+def test_ac_flags_only_a_share_strictly_below_the_threshold() -> None:
+    # the smaller cluster of label 0 holds exactly 60 / 200 = 0.3 of it
+    features, labels, planted = planted_features(0.3)
+    at = make_detector("ac", reduce="pca", size_threshold=0.3).detect(features, labels)
+    label0 = at.info["clusters"][0]
+    assert label0["sizes"] == [60, 140] and label0["smaller_share"] == 0.3
+    assert not label0["flagged"] and not bool(at.removed.any())
+    above = make_detector("ac", reduce="pca", size_threshold=0.3 + 1e-9).detect(features, labels)
+    assert above.info["labels_flagged"] == [0]
+    assert above.removed.nonzero().view(-1).tolist() == planted.tolist()
+    # samples of the flagged cluster score 1 - 0.3, which is above 1 - size_threshold
+    assert torch.allclose(above.scores[planted], torch.tensor(0.7, dtype=torch.float64))
+    # a label of 4 samples is clustered, one of 3 is not
+    few = make_detector("ac", reduce="pca").detect(features[:7], (torch.arange(7) >= 4).long())
+    assert [c["label"] for c in few.info["clusters"]] == [0]
 
 
 def test_ac_survives_dead_units() -> None:

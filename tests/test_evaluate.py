@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -204,6 +205,83 @@ def test_protocols_skip_the_mixed_batches_without_guards(monkeypatch: pytest.Mon
         _cnn(), clean_x, clean_y, _Triggered(trig_x, target, source), poison_rate=0.1
     )
     assert result["per_sample"] == result["mixed"] == result["pure"]
+
+
+class _PassGuard(_CentreGuard):
+    """A guard that changes nothing: every image's prediction is independent of its batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.modes_seen.append((self.eval_mode, x.shape[0]))
+        return x
+
+
+def _stack(values: list[int]) -> torch.Tensor:
+    """One flat image per brightness value."""
+    return torch.cat([_flat(1, v) for v in values])
+
+
+@pytest.mark.parametrize(
+    ("clean", "triggered", "poison_rate", "repeated", "acc", "asr"),
+    [
+        # 2 triggered images at 25 % need 6 clean companions: 2 of the 4 clean images twice
+        ([51, 51, 51, 230], [204, 20], 0.25, 0, 3 / 4, 1 / 2),
+        # 2 triggered images beside 3 clean at 50 %: 3 slots, so 1 triggered image twice
+        ([51, 230, 51], [204, 20], 0.5, 1, 2 / 3, 1 / 2),
+    ],
+)
+def test_mixed_protocol_weighs_each_image_once(
+    clean: list[int],
+    triggered: list[int],
+    poison_rate: float,
+    repeated: int,
+    acc: float,
+    asr: float,
+) -> None:
+    """The guard here changes nothing, so an image's hit is the same in each of its repeats
+    and the per-image means are the per-sample ACC and ASR exactly (class 1 iff brightness
+    > 0.45: 51 and 20 give class 0, 204 and 230 class 1); a mean over the repeated rows or
+    over the batches would weigh the repeated images more."""
+    batches = mixed_batches(
+        len(clean), len(triggered), poison_rate, 3, torch.Generator().manual_seed(0)
+    )
+    rows = torch.cat([batch[repeated] for batch in batches])
+    assert len(rows.bincount().unique()) > 1  # repeated unevenly: the weighting matters
+    model, _ = _brightness_model(threshold=0.45)
+    model.guards["stem"] = _PassGuard()
+    n = len(triggered)
+    trig = _Triggered(_stack(triggered), torch.ones(n).long(), torch.zeros(n).long())
+    clean_y = torch.zeros(len(clean), dtype=torch.int64)
+    result = evaluate_protocols(
+        model, _stack(clean), clean_y, trig, poison_rate=poison_rate, batch_size=3
+    )
+    assert result["mixed"] == pytest.approx({"acc": acc, "asr": asr})
+    assert result["per_sample"] == pytest.approx({"acc": acc, "asr": asr})
+
+
+def test_mixed_batches_follow_the_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same seed gives the same mixed batches, another seed others; a run's own seed
+    is the one its evaluation uses."""
+    import eglib.evaluate as evaluate
+
+    drawn: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+
+    def spy(*args: Any, **kwargs: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        drawn.append(mixed_batches(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(evaluate, "mixed_batches", spy)
+    model, _ = _brightness_model()
+    clean_x, clean_y = _random_set(40, seed=3, classes=2)
+    trig = _Triggered(_random_set(20, seed=4)[0], torch.ones(20).long(), torch.zeros(20).long())
+    for seed in (0, 0, 1):
+        evaluate_protocols(model, clean_x, clean_y, trig, poison_rate=0.2, seed=seed)
+    data = SimpleNamespace(test_images=clean_x, test_labels=clean_y, triggered=trig)
+    evaluate_run(model, SimpleNamespace(poison_rate=0.2, seed=1), data)  # type: ignore[arg-type]
+    # (clean rows, triggered rows) in batch order
+    same, again, other, run = ([torch.cat(part) for part in zip(*b, strict=True)] for b in drawn)
+    assert all(torch.equal(a, b) for a, b in zip(same, again, strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(same, other, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(other, run, strict=True))
 
 
 def test_protocols_apply_the_guard_modes_and_the_poison_rate() -> None:

@@ -36,7 +36,7 @@ from eglib.io import write_json_atomic
 from eglib.poison import make_attack
 from eglib.poison.badnets import BadNets
 
-TINY = dict(epochs=1, batch_size=32, train_size=None, test_size=None, lr=0.05)
+TINY: dict[str, Any] = dict(epochs=1, batch_size=32, train_size=None, test_size=None, lr=0.05)
 
 
 def test_config_is_hashable_order_free_and_round_trips() -> None:
@@ -199,19 +199,26 @@ def test_a_changed_attack_default_makes_a_record_stale(monkeypatch) -> None:
     experiments._attack_params.cache_clear()
 
 
-def test_a_stale_cached_run_is_not_served_and_a_dropped_parameter_counts(
-    tmp_cache, monkeypatch
-) -> None:
-    """is_cached (what a run or sweep asks) must apply the attack check, not only the
-    defence's; and a parameter the defence no longer has makes its record stale too."""
-    cfg = ExperimentConfig(**TINY)
-    attack = make_attack("badnets", target=cfg.target, num_classes=10)
+def _write_record_only(cfg: ExperimentConfig) -> BadNets:
+    """Cache a record of `cfg` (a BadNets run under the current defaults) without its model, as
+    records copied from another machine without the weights are; returns the attack."""
+    attack = BadNets(target=cfg.target, num_classes=10)
     record = {
         "key": cfg.key(),
         "config": cfg.to_dict(),
         "poison": {"params": json.loads(json.dumps(attack.params()))},
     }
     write_json_atomic(run_dir(cfg) / "record.json", record)
+    return attack
+
+
+def test_a_stale_cached_run_is_not_served_and_a_dropped_parameter_counts(
+    tmp_cache, monkeypatch
+) -> None:
+    """is_cached (what a run or sweep asks) must apply the attack check, not only the
+    defence's; and a parameter the defence no longer has makes its record stale too."""
+    cfg = ExperimentConfig(**TINY)
+    attack = _write_record_only(cfg)
     assert is_cached(cfg)
     monkeypatch.setitem(BadNets.__init__.__kwdefaults__, "size", attack.size + 1)
     experiments._attack_params.cache_clear()
@@ -226,6 +233,25 @@ def test_a_stale_cached_run_is_not_served_and_a_dropped_parameter_counts(
     with pytest.warns(UserWarning, match="other attack parameters"):
         assert experiments.cached_undefended(ft) is None
     experiments._attack_params.cache_clear()
+
+
+def test_a_record_without_its_model_is_tabulated_but_never_loaded(
+    tiny_fashion, tmp_cache, monkeypatch
+) -> None:
+    """A record copied without model.pt counts as cached (its metrics are tabulated), but a
+    run or a defence needing the model retrains it instead of failing to load the weights."""
+    cfg = ExperimentConfig(**TINY)
+    _write_record_only(cfg)
+    assert is_cached(cfg) and not (run_dir(cfg) / "model.pt").exists()
+    assert experiments.cached_undefended(cfg.replace(defense="ft")) is None
+    retrained: list[ExperimentConfig] = []
+
+    def fake_train_run(cfg: ExperimentConfig, *args: Any, **kwargs: Any) -> str:
+        retrained.append(cfg)
+        return "trained"
+
+    monkeypatch.setattr(experiments, "_train_run", fake_train_run)
+    assert run_experiment(cfg, progress=False) == "trained" and retrained == [cfg]
 
 
 def test_cli_train_prints_a_row(tiny_fashion, tmp_cache, capsys, monkeypatch) -> None:

@@ -272,6 +272,23 @@ def test_backdoor_testset_excludes_target(name: str) -> None:
     )
 
 
+def test_backdoor_testset_draws_its_triggers_from_its_seed() -> None:
+    """HighRank stamps a random pattern of its family on each image: drawn from `seed`."""
+    images, labels = random_images(40), class_labels(40)
+    attack = make_attack("highrank", target=3)
+    first, again, other = (backdoor_testset(images, labels, attack, seed=s) for s in (1, 1, 2))
+    assert torch.equal(first.images, again.images)
+    assert not torch.equal(first.images, other.images)
+    assert torch.equal(first.images, attack.apply(images[first.idx], first.labels, gen(1)))
+
+
+@pytest.mark.parametrize(("n", "count"), [(37, 4), (33, 3)])
+def test_poison_count_is_the_rounded_rate(n: int, count: int) -> None:
+    # 10 % of 37 is 3.7 and of 33 is 3.3: round gives 4 and 3 (floor 3 and 3, ceil 4 and 4)
+    ps = poison_dataset(random_images(n), class_labels(n), make_attack("badnets"), 0.1, seed=0)
+    assert len(ps.poison_idx) == count
+
+
 class _CountingFit(Attack):
     """A learned attack stand-in: counts `fit` calls; its trigger is a black first row."""
 

@@ -447,20 +447,22 @@ def test_studies_are_registered() -> None:
     assert studies.STUDIES["adaptive"] is adaptive
 
 
-def test_compare_to_undefended_ranks_within_the_acc_budget() -> None:
-    def row(attack: str, defense: str, acc: float, asr: float, n: int = 3) -> dict[str, Any]:
-        out: dict[str, Any] = {"attack": attack, "defense": defense, "n": n}
-        for protocol in PROTOCOLS:
-            out[f"acc_{protocol}"], out[f"asr_{protocol}"] = acc, asr
-        out["asr_pure"] = asr / 2
-        return out
+def _summary_row(attack: str, defense: str, acc: float, asr: float, n: int = 3) -> dict[str, Any]:
+    """A `summary_rows` row: the same ACC and ASR under every protocol but 'pure' (ASR / 2)."""
+    out: dict[str, Any] = {"attack": attack, "defense": defense, "n": n}
+    for protocol in PROTOCOLS:
+        out[f"acc_{protocol}"], out[f"asr_{protocol}"] = acc, asr
+    out["asr_pure"] = asr / 2
+    return out
 
+
+def test_compare_to_undefended_ranks_within_the_acc_budget() -> None:
     table = [
-        row("badnets", "none", 0.90, 0.99),
-        row("badnets", "eigenguard", 0.89, 0.40, n=1),  # one seed cached so far
-        row("badnets", "ft", 0.80, 0.05),  # lowest ASR, but 10 ACC points lost
-        row("badnets", "ss", 0.895, 0.60),
-        row("blend", "eigenguard", 0.9, 0.1),  # no undefended blend row: left out
+        _summary_row("badnets", "none", 0.90, 0.99),
+        _summary_row("badnets", "eigenguard", 0.89, 0.40, n=1),  # one seed cached so far
+        _summary_row("badnets", "ft", 0.80, 0.05),  # lowest ASR, but 10 ACC points lost
+        _summary_row("badnets", "ss", 0.895, 0.60),
+        _summary_row("blend", "eigenguard", 0.9, 0.1),  # no undefended blend row: left out
     ]
     out = defence_table.compare_to_undefended(table)
     assert [(e["defense"], e["rank"], e["within_budget"]) for e in out] == [
@@ -474,3 +476,14 @@ def test_compare_to_undefended_ranks_within_the_acc_budget() -> None:
     assert defence_table.compare_to_undefended(table, max_acc_drop=0.2)[1]["rank"] == 1
     with pytest.raises(ValueError, match="unknown protocol 'batch'"):
         defence_table.compare_to_undefended(table, protocol="batch")
+
+
+def test_compare_to_undefended_breaks_an_asr_tie_by_the_higher_acc() -> None:
+    table = [
+        _summary_row("badnets", "none", 0.90, 0.99),
+        _summary_row("badnets", "ft", 0.88, 0.10),  # listed first, but less accurate
+        _summary_row("badnets", "nad", 0.89, 0.10),  # the same ASR, one ACC point more: first
+        _summary_row("badnets", "ss", 0.90, 0.20),
+    ]
+    out = defence_table.compare_to_undefended(table)
+    assert [(e["defense"], e["rank"]) for e in out] == [("ft", 2), ("nad", 1), ("ss", 3)]

@@ -60,7 +60,7 @@ def label_groups(labels: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
 def remove_top_fraction(
     scores: torch.Tensor, labels: torch.Tensor, fraction: float, *, per_label: bool
 ) -> torch.Tensor:
-    """Bool mask (N,) of the round(fraction * n) highest scores, within each label or overall."""
+    """Bool mask (N,) of the fraction * n (half up) highest scores, within each label or overall."""
     check_float("fraction", fraction, low=0.0, high=1.0)
     scores = scores.cpu()
     removed = torch.zeros(scores.numel(), dtype=torch.bool)

@@ -59,7 +59,8 @@ class Spectre(ScoreFilteringDefense):
     the guessed epsilon) is replaced by sklearn's MinCovDet, whose breakdown point is about
     50 %: when the poison is the majority of its label (all-to-one at 10 %), the "robust"
     statistics describe the poison and the clean samples become the outliers. Labels with
-    fewer than 4 samples score 0 (listed in info as `labels_skipped`).
+    fewer than 3 samples (no principal axis under the cap) score 0 (listed in info as
+    `labels_skipped`).
     """
 
     name = "spectre"

@@ -380,6 +380,29 @@ def test_every_defence_runs_end_to_end(name: str) -> None:
         assert trained_on[-1] == outcome.info["n_kept"] == len(ctx.labels) - report["n_removed"]
 
 
+@pytest.mark.parametrize("isolation_augment", [False, True])
+def test_abl_isolates_on_the_images_as_they_are(
+    isolation_augment: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BackdoorBench and the ABL authors isolate without augmentation (a random crop moves a
+    patch trigger and slows the very learning isolation reads); augmenting is an option."""
+    import eglib.defenses.abl as abl
+
+    asked: list[bool] = []
+    tune = abl.tune
+
+    def spy(*args: Any, **kwargs: Any) -> list[float]:
+        asked.append(kwargs["augment_data"])
+        return tune(*args, **kwargs)
+
+    monkeypatch.setattr(abl, "tune", spy)
+    defense = make_defense("abl", **SMOKE_PARAMS["abl"], isolation_augment=isolation_augment)
+    ctx = tiny_context()
+    defense.isolate(defense.build_model(ctx), ctx)
+    assert asked == [isolation_augment]
+    assert defense.params()["isolation_augment"] is isolation_augment
+
+
 def test_clean_data_defences_need_the_reserve() -> None:
     for name in ("ft", "nad", "anp"):
         assert DEFENSES[name].needs_clean_data

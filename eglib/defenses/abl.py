@@ -37,7 +37,10 @@ class AntiBackdoorLearning(Defense):
     """ABL: isolate the lowest-loss samples early, train on the rest, unlearn the isolated.
 
     1. Isolation: train a fresh model for `isolation_epochs` with the LGA loss
-       sign(CE - gamma) * CE (own loop: SGD nesterov, constant lr `isolation_lr`).
+       sign(CE - gamma) * CE (own loop: SGD nesterov, constant lr `isolation_lr`), on the
+       images as they are (`isolation_augment=False`: BackdoorBench's `pre_train` and the
+       authors' code use the test transform here; a random crop moves a patch trigger, which
+       slows the backdoor's learning, the very signal isolation reads).
     2. Per-sample cross-entropy of every training sample (eval mode, no augmentation); the
        `isolation_ratio` fraction with the lowest loss (at least 2 samples, one BatchNorm
        batch) is isolated: the suspected poison.
@@ -55,8 +58,10 @@ class AntiBackdoorLearning(Defense):
     At full scale BackdoorBench's effective 1e-4 gave no clean, accurate model either
     (figures/full/abl_unlearning_lr/), isolation_epochs=5 (BackdoorBench `tuning_epochs:
     20`; fewer for the CPU budget), isolation_lr=0.05 (the run's default lr; BackdoorBench
-    0.01, the ABL paper 0.1), batch_size=128, hflip=False. Step 3 replaces BackdoorBench's 60
-    fine-tuning epochs.
+    0.01, the ABL paper 0.1), isolation_augment=False (True: random crops, and flips with
+    `hflip`, during isolation, as eglib did before 2026-11-27: the ABL results committed
+    before then were isolated that way), batch_size=128, hflip=False, weight decay 5e-4
+    (BackdoorBench 1e-4). Step 3 replaces BackdoorBench's 60 fine-tuning epochs.
     """
 
     name = "abl"
@@ -72,6 +77,7 @@ class AntiBackdoorLearning(Defense):
         unlearning_lr: float = 5e-4,
         batch_size: int = 128,
         hflip: bool = False,
+        isolation_augment: bool = False,
     ) -> None:
         self.isolation_epochs = check_int("isolation_epochs", isolation_epochs, 1)
         self.isolation_ratio = check_float(
@@ -83,6 +89,7 @@ class AntiBackdoorLearning(Defense):
         self.unlearning_lr = check_float("unlearning_lr", unlearning_lr, low=0.0, low_open=True)
         self.batch_size = check_int("batch_size", batch_size, 2)
         self.hflip = check_bool("hflip", hflip)
+        self.isolation_augment = check_bool("isolation_augment", isolation_augment)
 
     def isolate(self, model: StagedNet, ctx: DefenseContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Isolation phase on a fresh `model`: (isolated mask (N,), per-sample losses (N,))."""
@@ -97,6 +104,7 @@ class AntiBackdoorLearning(Defense):
             seed=ctx.seed,
             device=ctx.device,
             cosine=False,
+            augment_data=self.isolation_augment,
             hflip=self.hflip,
             progress=ctx.progress,
             desc="abl isolation",

@@ -33,14 +33,8 @@ from eglib.spectral import (
     stable_rank,
     trigger_difference,
 )
-from eglib.studies.base import StudyResult
-from eglib.studies.defence_table import (
-    DATASET,
-    METRIC_COLUMNS,
-    MODEL,
-    POISON_RATE,
-    table_configs,
-)
+from eglib.studies.base import POISON_RATE, StudyResult
+from eglib.studies.defence_table import DATASET, METRIC_COLUMNS, MODEL, table_configs
 from eglib.studies.runs import run_records, summarise
 
 NAME = "adaptive"

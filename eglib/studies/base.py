@@ -1,4 +1,5 @@
-"""What every study returns (`StudyResult`), and the shape of a study module (`Study`)."""
+"""What every study returns (`StudyResult`), the shape of a study module (`Study`), and the
+poison rate the studies give each attack (`attack_rate`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,19 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from matplotlib.figure import Figure
+
+from eglib.poison import ATTACKS
+from eglib.registry import lookup
+
+POISON_RATE = 0.1
+# Clean-label attacks poison only target-class images, a tenth of Fashion-MNIST: 10 % of the
+# whole set would be every one of them (more than a subset holds), so they poison half.
+CLEAN_LABEL_RATE = 0.05
+
+
+def attack_rate(attack: str) -> float:
+    """A study's poison rate of an attack: 10 %, or `CLEAN_LABEL_RATE` for clean-label ones."""
+    return CLEAN_LABEL_RATE if lookup(ATTACKS, "attack", attack).clean_label else POISON_RATE
 
 
 @dataclass

@@ -35,17 +35,13 @@ from eglib.io import read_json, write_json_atomic
 from eglib.plots import PROTOCOLS, defence_heatmaps, detection_heatmaps, protocol_heatmaps
 from eglib.poison import ATTACKS
 from eglib.studies.ablations import REFERENCE
-from eglib.studies.base import StudyResult
+from eglib.studies.base import StudyResult, attack_rate
 from eglib.studies.forced_dimension import MAX_ACC_DROP, guard_params, model_stages
 from eglib.studies.runs import run_records, summarise
 
 NAME = "defence_table"
 DATASET = "fashion-mnist"
 MODEL = "cnn-small"
-POISON_RATE = 0.1
-# Clean-label attacks poison only target-class images, a tenth of Fashion-MNIST: 10 % of the
-# whole set would be every one of them (more than a subset holds), so they poison half.
-CLEAN_LABEL_RATE = 0.05
 
 ALL_ATTACKS = (
     "badnets",
@@ -145,11 +141,6 @@ def defense_params(defense: str) -> dict[str, Any]:
     if defense == "anp":
         return {"max_acc_drop": ANP_MAX_ACC_DROP}
     return {}
-
-
-def attack_rate(attack: str) -> float:
-    """The table's poison rate of an attack: 10 %, or `CLEAN_LABEL_RATE` for clean-label ones."""
-    return CLEAN_LABEL_RATE if ATTACKS[attack].clean_label else POISON_RATE
 
 
 def table_config(

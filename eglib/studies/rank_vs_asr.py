@@ -14,12 +14,11 @@ from eglib.data import dataset_info
 from eglib.experiments import ExperimentConfig, run_experiment
 from eglib.models import make_model
 from eglib.plots import rank_curves
-from eglib.studies.base import StudyResult
+from eglib.studies.base import StudyResult, attack_rate
 
 NAME = "rank_vs_asr"
 DATASET = "fashion-mnist"
 MODEL = "cnn-small"
-POISON_RATE = 0.1
 # attacks per profile: SIG (clean-label) only in the full run, to keep CI within its budget
 ATTACKS: dict[str, tuple[str, ...]] = {
     "ci": ("badnets", "blend"),
@@ -37,7 +36,9 @@ def model_stages(model: str = MODEL, dataset: str = DATASET) -> tuple[str, ...]:
 
 
 def config_for(attack: str, profile: str | None = None) -> ExperimentConfig:
-    """The run of one attack: cnn-small, 10 % poison, rank tracking at every stage.
+    """The run of one attack: cnn-small, rank tracking at every stage, the attack's study
+    rate (`attack_rate`: 10 %, 5 % for a clean-label attack, which poisons only target-class
+    images: 10 % of the set would be nearly all of them).
 
     The spectra study and the notebooks reuse these configs, so their models come from the
     cache instead of being trained again.
@@ -47,7 +48,7 @@ def config_for(attack: str, profile: str | None = None) -> ExperimentConfig:
         dataset=DATASET,
         model=MODEL,
         attack=attack,
-        poison_rate=POISON_RATE,
+        poison_rate=attack_rate(attack),
         track_stages=model_stages(),
     )
 
@@ -96,7 +97,7 @@ def run(
             "attacks": list(chosen),
             "model": MODEL,
             "dataset": DATASET,
-            "poison_rate": POISON_RATE,
+            "poison_rate": {attack: attack_rate(attack) for attack in chosen},
             "stages": list(model_stages()),
             "rank_samples_per_group": counts,
         },

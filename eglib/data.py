@@ -220,7 +220,7 @@ def _unpack(archive: Path, member: str) -> None:
             with zipfile.ZipFile(archive) as zf:
                 zf.extractall(tmp)
         else:
-            with tarfile.open(archive, "r:*") as tf:
+            with tarfile.open(archive, "r:*") as tf:  # filter=: Python 3.10.12+ / 3.11.4+
                 tf.extractall(tmp, filter="data")
         if not (tmp / member).exists():
             raise ValueError(f"archive {archive} does not hold {member!r}")

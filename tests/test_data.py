@@ -204,7 +204,8 @@ def test_cifar_archive_with_escaping_member_is_refused(tmp_path: Path) -> None:
         tf.addfile(info, io.BytesIO(b"bad"))
     with pytest.raises(tarfile.TarError):
         load_dataset("cifar10", "test", root=tmp_path)
-    assert not (tmp_path.parent / "evil.bin").exists()
+    # unpacking happens in tmp_path/.unpack-*, so "../evil.bin" would land in tmp_path
+    assert not (tmp_path / "evil.bin").exists()
 
 
 def test_cifar_truncated_file_rejected(tmp_path: Path) -> None:
@@ -217,17 +218,21 @@ def test_cifar_truncated_file_rejected(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- GTSRB loader
 
-BORDER, SIGN = (255, 0, 0), (0, 0, 255)
+# EDGE marks the ROI's last row and column: the corners are inclusive, so they belong to the sign
+BORDER, SIGN, EDGE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
 
 def write_ppm(
     path: Path, width: int, height: int, roi: tuple[int, int, int, int], tint: int
 ) -> None:
-    """A P6 PPM: red border, a uniform sign colour inside the inclusive ROI (x1, y1, x2, y2)."""
+    """A P6 PPM: red border, a uniform sign colour inside the inclusive ROI (x1, y1, x2, y2),
+    except the ROI's last row (y2) and last column (x2), which are EDGE."""
     pixels = np.zeros((height, width, 3), dtype=np.uint8)
     pixels[:] = BORDER
     x1, y1, x2, y2 = roi
     pixels[y1 : y2 + 1, x1 : x2 + 1] = (SIGN[0], tint, SIGN[2])
+    pixels[y2, x1 : x2 + 1] = EDGE
+    pixels[y1 : y2 + 1, x2] = EDGE
     Image.fromarray(pixels).save(path, format="PPM")
     assert path.read_bytes()[:2] == b"P6"
 
@@ -264,12 +269,17 @@ def write_gtsrb(root: Path) -> dict[str, list[tuple[int, int]]]:
 
 
 def check_gtsrb(x: torch.Tensor, y: torch.Tensor, expected: list[tuple[int, int]]) -> None:
-    """Images are the ROI only (uniform sign colour, no border), 32x32, labels in order."""
+    """Images are the ROI only (sign colour, no border; the ROI's last row and column, EDGE,
+    upscaled to the last row and column), 32x32, labels in order."""
     assert x.shape == (len(expected), 3, 32, 32) and x.dtype == torch.uint8
     assert y.tolist() == [cls for cls, _ in expected]
+    edge = torch.tensor(EDGE, dtype=torch.uint8)[:, None]
     for i, (_, tint) in enumerate(expected):
         colour = torch.tensor([SIGN[0], tint, SIGN[2]], dtype=torch.uint8)
-        assert torch.equal(x[i], colour[:, None, None].expand(3, 32, 32)), f"image {i} not its ROI"
+        inner = x[i, :, :30, :30]  # rows/columns 30 blend the sign with its edge
+        assert torch.equal(inner, colour[:, None, None].expand_as(inner)), f"image {i} not its ROI"
+        assert torch.equal(x[i, :, -1, :], edge.expand(3, 32)), f"image {i} lost the ROI's y2 row"
+        assert torch.equal(x[i, :, :, -1], edge.expand(3, 32)), f"image {i} lost the ROI's x2 col"
 
 
 def test_gtsrb_loader_and_npz_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,11 +16,14 @@ from eglib.poison import (
     backdoor_testset,
     make_attack,
     poison_dataset,
+    refool,
 )
 from eglib.poison.blend import Blend
 from eglib.poison.bpp import floyd_steinberg
 from eglib.poison.highrank import HighRank
+from eglib.poison.ops import fit_images, gaussian_blur_matrices
 from eglib.poison.patterns import cloud_image, dead_leaves, lowpass_pattern
+from eglib.poison.refool import Refool
 from eglib.poison.wanet import WaNet
 
 EXPECTED = {"badnets", "blend", "sig", "wanet", "lf", "bpp", "refool", "refool-clean", "highrank"}
@@ -134,6 +137,26 @@ BAD_PARAMS: list[tuple[str, dict[str, Any], str]] = [
     ("wanet", {"grid_rescale": math.inf}, "grid_rescale=inf"),
     ("bpp", {"squeeze_num": 8.5}, "squeeze_num=8.5"),
     ("refool", {"sigma_range": (1.0, math.inf)}, "sigma_range"),
+    # text for a boolean counted as True ("False" from the CLI dithered), and fractional or
+    # bool counts passed the checks and failed late with unclear errors (or not at all)
+    ("bpp", {"dithering": "False"}, "dithering='False'"),
+    ("bpp", {"dithering": 0}, "dithering=0"),
+    ("badnets", {"size": 2.5}, "size=2.5"),
+    ("badnets", {"size": True}, "size=True"),
+    ("badnets", {"location": (1.5, 2)}, r"location=\(1.5, 2\)"),
+    ("badnets", {"location": (True, 2)}, "location"),
+    ("badnets", {"location": 5}, "location=5"),
+    ("badnets", {"color": 2.5}, "color=2.5"),
+    ("highrank", {"num_patterns": 2.5}, "num_patterns=2.5"),
+    ("highrank", {"size": 3.0}, "size=3.0"),
+    ("highrank", {"seed": 1.5}, "seed=1.5"),
+    ("refool", {"num_reflections": 2.5}, "num_reflections=2.5"),
+    ("refool", {"num_reflections": True}, "num_reflections=True"),
+    ("refool", {"sigma_range": 3.0}, "sigma_range=3.0"),
+    ("refool", {"sigma_range": (1.0, 2.0, 3.0)}, "sigma_range"),
+    ("refool", {"seed": 0.5}, "seed=0.5"),
+    ("refool", {"reflections": torch.zeros(0, 3, 8, 8, dtype=torch.uint8)}, "reflections"),
+    ("refool", {"reflections": torch.zeros(2, 2, 8, 8, dtype=torch.uint8)}, "reflections"),
 ]
 
 
@@ -210,10 +233,20 @@ def test_poison_dataset_same_seed_same_bytes(name: str) -> None:
     assert not torch.equal(a.poison_idx, c.poison_idx)
 
 
-@pytest.mark.parametrize("rate", [0.0, -0.1, 1.5])
+@pytest.mark.parametrize("rate", [0.0, -0.1, 1.5, True, math.nan])
 def test_poison_dataset_bad_rate(rate: float) -> None:
-    with pytest.raises(ValueError, match="rate"):
-        poison_dataset(random_images(20), class_labels(20), make_attack("badnets"), rate, 0)
+    attack = make_attack("badnets", label_policy="all-to-all")  # rate=True passed as 1 here
+    with pytest.raises(ValueError, match=f"rate={rate}"):
+        poison_dataset(random_images(20), class_labels(20), attack, rate, 0)
+
+
+@pytest.mark.parametrize("seed", [1.5, True, -1, "3"])
+def test_poison_and_trigger_bad_seed(seed: Any) -> None:
+    images, labels = random_images(20), class_labels(20)
+    with pytest.raises(ValueError, match=f"seed={seed!r}"):
+        poison_dataset(images, labels, make_attack("badnets"), 0.1, seed)
+    with pytest.raises(ValueError, match=f"seed={seed!r}"):
+        backdoor_testset(images, labels, make_attack("badnets"), seed)
 
 
 def test_poison_dataset_bad_labels() -> None:
@@ -476,6 +509,74 @@ def test_refool_ghost_and_blur_of_a_point() -> None:
 def test_refool_reflections_vary_per_image() -> None:
     out = make_attack("refool").apply(flat_images(8, 50), class_labels(8), gen())
     assert len({tuple(o.flatten().tolist()) for o in out}) == 8
+
+
+def refool_reference(
+    attack: Refool, images: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Refool's apply as first written: every blur and shift of the whole bank precomputed
+    ((R, 33, C, H, W) and (R, S * S, C, H, W)), then each image picks its layer."""
+    n, channels, height, width = images.shape
+    bank = (fit_images(attack._bank, channels, height, width) / 255) ** 2.2
+    sigmas = torch.linspace(*attack.sigma_range, 33)
+    rows = gaussian_blur_matrices(sigmas, height)[None, :, None]
+    cols = gaussian_blur_matrices(sigmas, width)[None, :, None].transpose(-1, -2)
+    blurred = rows @ bank[:, None] @ cols
+    steps = torch.arange(1, attack.max_shift(height, width) + 1)
+    dy, dx = (t.flatten() for t in torch.meshgrid(steps, steps, indexing="ij"))
+    row_index = (torch.arange(height)[None] - dy[:, None]).clamp(0, height - 1)
+    col_index = (torch.arange(width)[None] - dx[:, None]).clamp(0, width - 1)
+    shifted = bank[:, :, row_index[:, :, None], col_index[:, None, :]].transpose(1, 2)
+    pick = torch.randint(bank.shape[0], (n,), generator=generator)
+    level = torch.randint(33, (n,), generator=generator)
+    ghost = (torch.rand(n, generator=generator) < attack.ghost_rate).nonzero().flatten()
+    shift = torch.randint(shifted.shape[1], (len(ghost),), generator=generator)
+    w = (
+        torch.randint(0, 2, (len(ghost),), generator=generator)
+        - 0.15
+        - 0.35 * torch.rand(len(ghost), generator=generator)
+    ).abs()[:, None, None, None]
+    layer = blurred[pick, level]
+    layer[ghost] = w * bank[pick[ghost]] + (1 - w) * shifted[pick[ghost], shift]
+    mixed = images.to(torch.float32).div_(255).pow_(2.2).mul_(1 - attack.alpha)
+    mixed.add_(layer, alpha=attack.alpha).clamp_(0, 1).pow_(1 / 2.2).mul_(255)
+    return mixed.round().clamp(0, 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"ghost_rate": 0.7, "sigma_range": (0.5, 3.0), "ghost_shift": 0.2},
+        {"reflections": random_images(5, channels=3, size=20, seed=9)},
+        {"reflections": random_images(3, channels=1, size=40, seed=9), "ghost_rate": 1.0},
+    ],
+)
+def test_refool_matches_the_whole_bank_reference(
+    params: dict[str, Any], channels: int, size: int
+) -> None:
+    attack = make_attack("refool", **params)
+    assert isinstance(attack, Refool)
+    images = random_images(40, channels=channels, size=size, seed=2)
+    out = attack.apply(images, class_labels(40), gen(3))
+    assert torch.equal(out, refool_reference(attack, images, gen(3)))
+
+
+def test_refool_works_only_on_the_drawn_reflections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large bank (e.g. 50 000 CIFAR images) must not be blurred and shifted as a whole
+    (that took R x 42 float images, ~25 GB): only the reflections a batch draws are."""
+    sizes: list[int] = []
+
+    def spy(images: torch.Tensor, *shape: int) -> torch.Tensor:
+        sizes.append(len(images))
+        return fit_images(images, *shape)
+
+    monkeypatch.setattr(refool, "fit_images", spy)
+    bank = random_images(500, channels=3, size=8, seed=1)
+    attack = make_attack("refool", reflections=bank, ghost_rate=0.5)
+    out = attack.apply(random_images(6, channels=3, size=32), class_labels(6), gen())
+    assert out.shape == (6, 3, 32, 32) and sizes and max(sizes) <= 6
 
 
 def test_highrank_uses_many_family_patterns() -> None:

@@ -117,6 +117,28 @@ BAD_PARAMS: list[tuple[str, dict[str, Any], str]] = [
     ("inputaware", {"fit_rate": 0.0}, "fit_rate"),
     ("inputaware", {"classifier": "nope"}, "classifier"),
     ("inputaware", {"width": 0}, "width"),
+    # text for booleans counted as True; fractional or bool counts passed the checks
+    ("lc", {"random_start": "False"}, "random_start='False'"),
+    ("lc", {"progress": "no"}, "progress='no'"),
+    ("lc", {"steps": 2.5}, "steps=2.5"),
+    ("lc", {"surrogate_epochs": 1.5}, "surrogate_epochs=1.5"),
+    ("lc", {"surrogate_batch_size": 64.0}, "surrogate_batch_size=64.0"),
+    ("lc", {"fit_size": 100.5}, "fit_size=100.5"),
+    ("lc", {"fit_size": True}, "fit_size=True"),
+    ("advnoise", {"size": 2.5}, "size=2.5"),
+    ("advnoise", {"location": (0.5, 1)}, "location"),
+    ("ssba", {"bits": 8.5}, "bits=8.5"),
+    ("ssba", {"width": 8.0}, "width=8.0"),
+    ("ssba", {"fit_steps": True}, "fit_steps=True"),
+    ("ssba", {"fit_batch_size": 16.5}, "fit_batch_size=16.5"),
+    ("ssba", {"batch_size": 100.0}, "batch_size=100.0"),
+    ("ssba", {"progress": "True"}, "progress='True'"),
+    ("inputaware", {"width": 8.5}, "width=8.5"),
+    ("inputaware", {"width": True}, "width=True"),
+    ("inputaware", {"mask_epochs": 1.5}, "mask_epochs=1.5"),
+    ("inputaware", {"fit_epochs": 2.5}, "fit_epochs=2.5"),
+    ("inputaware", {"fit_batch_size": 32.0}, "fit_batch_size=32.0"),
+    ("inputaware", {"batch_size": 64.5}, "batch_size=64.5"),
 ]
 
 

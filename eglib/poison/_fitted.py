@@ -27,6 +27,7 @@ from torch import nn
 from eglib.config import cache_dir
 from eglib.data import take_subset
 from eglib.io import config_hash, load_state, save_state_atomic
+from eglib.params import check_bool
 from eglib.poison.base import Attack
 from eglib.poison.ops import check_images
 
@@ -95,10 +96,13 @@ class FittedAttack(Attack):
 
     def __init__(self, *, fit_size: int | None = None, progress: bool = False, **base: Any) -> None:
         super().__init__(**base)
-        if fit_size is not None and fit_size < 1:
-            raise ValueError(f"fit_size={fit_size}; allowed: None (all images) or an int >= 1")
+        if fit_size is not None:
+            if isinstance(fit_size, bool) or not isinstance(fit_size, int) or fit_size < 1:
+                raise ValueError(
+                    f"fit_size={fit_size!r}; allowed: None (all images) or an int >= 1"
+                )
         self.fit_size = fit_size
-        self._progress = progress
+        self._progress = check_bool("progress", progress)
         self._shape: tuple[int, int, int] | None = None  # (C, H, W) of the fitted images
         self._from_cache: bool | None = None
 

@@ -9,7 +9,7 @@ import torch
 from eglib.data import to_float
 from eglib.models import MODELS, list_models, make_model
 from eglib.models.base import StagedNet
-from eglib.params import check_float
+from eglib.params import check_bool, check_float, check_int
 from eglib.poison._fitted import FittedAttack, State, load_module_state, module_state
 from eglib.poison._pgd import pgd_away
 from eglib.poison.ops import to_uint8
@@ -57,13 +57,11 @@ class SurrogateAttack(FittedAttack):
         super().__init__(**base)
         check_float("eps", eps, low=0.0, high=255.0)
         check_float("step_size", step_size, low=0.0, high=255.0)
-        if steps < 1:
-            raise ValueError(f"steps={steps}; must be >= 1")
-        if surrogate_epochs < 1:
-            raise ValueError(f"surrogate_epochs={surrogate_epochs}; must be >= 1")
-        if surrogate_batch_size < 2:
-            raise ValueError(f"surrogate_batch_size={surrogate_batch_size}; must be >= 2")
-        if surrogate not in MODELS:
+        check_int("steps", steps, 1)
+        check_bool("random_start", random_start)
+        check_int("surrogate_epochs", surrogate_epochs, 1)
+        check_int("surrogate_batch_size", surrogate_batch_size, 2)
+        if not isinstance(surrogate, str) or surrogate not in MODELS:
             raise ValueError(f"surrogate={surrogate!r}; allowed: {list_models()}")
         self.eps = float(eps)
         self.step_size = float(step_size)

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from eglib.params import check_int
 from eglib.poison.base import Attack, register_attack
 from eglib.poison.ops import check_images
 
@@ -38,13 +39,20 @@ class BadNets(Attack):
         **base: Any,
     ) -> None:
         super().__init__(**base)
-        if size < 1:
-            raise ValueError(f"size={size}; must be >= 1")
+        check_int("size", size, 1)
         if isinstance(location, str):
             if location not in CORNERS:
                 raise ValueError(f"location={location!r}; allowed: {CORNERS} or (row, col)")
-        elif len(location) != 2 or min(location) < 0:
-            raise ValueError(f"location={location!r}; a (row, col) must have 2 values >= 0")
+        elif not isinstance(location, (tuple, list)) or len(location) != 2:
+            raise ValueError(f"location={location!r}; allowed: {CORNERS} or (row, col)")
+        else:
+            for axis, value in zip(("row", "col"), location, strict=True):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(
+                        f"location={location!r}; its {axis} {value!r} must be an int >= 0"
+                    )
+        if not isinstance(color, (int, tuple, list)):
+            raise ValueError(f"color={color!r}; allowed: 1 or 3 values in [0, 255]")
         colors = (color,) if isinstance(color, int) else tuple(color)
         valid = (isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in colors)
         if len(colors) not in (1, 3) or not all(valid):

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from eglib.config import torch_threads
-from eglib.params import check_int
+from eglib.params import check_bool, check_int
 from eglib.poison.base import Attack, register_attack
 from eglib.poison.ops import check_images, to_uint8
 
@@ -80,7 +80,7 @@ class Bpp(Attack):
         if check_int("squeeze_num", squeeze_num, 2) > 255:
             raise ValueError(f"squeeze_num={squeeze_num}; must be in [2, 255]")
         self.squeeze_num = squeeze_num
-        self.dithering = dithering
+        self.dithering = check_bool("dithering", dithering)
 
     def apply(
         self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator

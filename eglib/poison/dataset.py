@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from eglib.params import check_float, check_int
 from eglib.poison.base import Attack
 from eglib.poison.ops import check_images
 
@@ -55,8 +56,8 @@ def poison_dataset(
     Inputs are left unchanged; same inputs and seed give the same bytes.
     """
     _check_data(images, labels, attack.num_classes)
-    if not 0 < rate <= 1:
-        raise ValueError(f"rate={rate}; must be in (0, 1]")
+    check_float("rate", rate, low=0.0, high=1.0, low_open=True)
+    check_int("seed", seed, 0)
     generator = torch.Generator().manual_seed(seed)
     _fit_if_needed(attack, images, labels, generator)
     labels_cpu = labels.cpu()
@@ -111,6 +112,7 @@ def backdoor_testset(
     Seeded by `seed` (for attacks with random triggers). A learned attack must be fitted on
     training data first (ValueError otherwise: fitting here would use the test set)."""
     _check_data(images, labels, attack.num_classes)
+    check_int("seed", seed, 0)
     generator = torch.Generator().manual_seed(seed)
     if not attack.fitted:
         raise ValueError(

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from eglib.params import check_float
+from eglib.params import check_float, check_int
 from eglib.poison.base import Attack, register_attack
 from eglib.poison.ops import check_images
 
@@ -38,15 +38,10 @@ class HighRank(Attack):
         **base: Any,
     ) -> None:
         super().__init__(**base)
-        if num_patterns < 1:
-            raise ValueError(f"num_patterns={num_patterns}; must be >= 1")
-        if size < 1:
-            raise ValueError(f"size={size}; must be >= 1")
-        check_float("density", density, low=1e-6, high=1.0)
-        self.num_patterns = num_patterns
-        self.size = size
-        self.density = density
-        self.seed = seed
+        self.num_patterns = check_int("num_patterns", num_patterns, 1)
+        self.size = check_int("size", size, 1)
+        self.density = check_float("density", density, low=1e-6, high=1.0)
+        self.seed = check_int("seed", seed, 0)
 
     def family(self, height: int, width: int) -> torch.Tensor:
         """The patterns' pixel masks, bool (num_patterns, 1, height, width)."""

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from eglib.config import default_device
 from eglib.data import iterate_batches, to_float
 from eglib.models import MODELS, list_models, make_model
-from eglib.params import check_float
+from eglib.params import check_float, check_int
 from eglib.poison._fitted import (
     FittedAttack,
     State,
@@ -172,9 +172,11 @@ class InputAware(FittedAttack):
         **base: Any,
     ) -> None:
         super().__init__(**base)
-        if width is not None and width < 1:
-            raise ValueError(f"width={width}; allowed: None (16 gray / 32 colour) or >= 1")
-        if classifier not in MODELS:
+        if width is not None and (
+            isinstance(width, bool) or not isinstance(width, int) or width < 1
+        ):
+            raise ValueError(f"width={width!r}; allowed: None (16 gray / 32 colour) or an int >= 1")
+        if not isinstance(classifier, str) or classifier not in MODELS:
             raise ValueError(f"classifier={classifier!r}; allowed: {list_models()}")
         check_float("mask_density", mask_density, low=0.0, high=1.0)
         check_float("fit_rate", fit_rate, low=1e-6, high=0.5)
@@ -183,13 +185,10 @@ class InputAware(FittedAttack):
             check_float(label, value, low=0.0, high=1e6)
         for label, value in (("lr_g", lr_g), ("lr_m", lr_m), ("lr_c", lr_c)):
             check_float(label, value, low=1e-8, high=1.0)
-        if mask_epochs < 0:
-            raise ValueError(f"mask_epochs={mask_epochs}; must be >= 0")
-        for label, count in (("fit_epochs", fit_epochs), ("batch_size", batch_size)):
-            if count < 1:
-                raise ValueError(f"{label}={count}; must be >= 1")
-        if fit_batch_size < 4:
-            raise ValueError(f"fit_batch_size={fit_batch_size}; must be >= 4")
+        check_int("mask_epochs", mask_epochs, 0)
+        check_int("fit_epochs", fit_epochs, 1)
+        check_int("batch_size", batch_size, 1)
+        check_int("fit_batch_size", fit_batch_size, 4)
         self.width = width
         self.classifier = classifier
         self.mask_density = float(mask_density)

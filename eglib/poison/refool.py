@@ -6,14 +6,13 @@ from typing import Any
 
 import torch
 
-from eglib.params import check_float
+from eglib.params import check_float, check_int
 from eglib.poison.base import Attack, register_attack
 from eglib.poison.ops import check_images, fit_images, gaussian_blur_matrices, to_uint8
 from eglib.poison.patterns import dead_leaves
 
 GAMMA = 2.2  # images are mixed in linear light, as in the Refool code: v -> v ** 2.2
 SIGMA_LEVELS = 33  # focal-blur sigmas: this many evenly spaced values of sigma_range
-_Layers = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # bank, blurred, shifted
 
 
 @register_attack
@@ -25,9 +24,9 @@ class Refool(Attack):
     (shift by 1..max(1, round(ghost_shift * size)) pixels down and right, edge-replicated,
     w = |b - U(0.15, 0.5)| with b in {0, 1}), else a focal blur R(r) = Gaussian blur of r
     with sigma drawn uniformly from `SIGMA_LEVELS` = 33 evenly spaced values of
-    `sigma_range` (steps of 0.125 for [1, 5]: the blurred and shifted bank is computed
-    once per image shape and each image only picks from it). Values in [0, 1], g = 2.2,
-    rounded back to uint8.
+    `sigma_range` (steps of 0.125 for [1, 5]). Only the reflections drawn for a batch are
+    resized, blurred or shifted (in one vectorised pass), so memory grows with the batch,
+    not with the bank. Values in [0, 1], g = 2.2, rounded back to uint8.
     The bank: `reflections` (uint8 (R, C, h, w), e.g. MNIST digits or CIFAR images as
     reflections on Fashion-MNIST), else `num_reflections` dead-leaves images drawn from `seed`
     (`patterns.dead_leaves`), resized to the input and made gray for 1-channel data.
@@ -60,16 +59,31 @@ class Refool(Attack):
         check_float("alpha", alpha, low=1e-6, high=1.0)
         check_float("ghost_rate", ghost_rate, low=0.0, high=1.0)
         check_float("ghost_shift", ghost_shift, low=0.0, high=0.5)
+        if not isinstance(sigma_range, (tuple, list)) or len(sigma_range) != 2:
+            raise ValueError(
+                f"sigma_range={sigma_range!r}; must be a pair (low, high) of numbers, "
+                "0 < low <= high"
+            )
         low, high = sigma_range
         check_float("sigma_range[0]", low, low=0, low_open=True)
         check_float("sigma_range[1]", high, low=low)
-        if reflections is not None and (reflections.dtype != torch.uint8 or reflections.dim() != 4):
-            raise ValueError(
-                f"reflections must be uint8 (R, C, h, w), got {reflections.dtype} "
-                f"{tuple(reflections.shape)}"
+        check_int("num_reflections", num_reflections, 1)
+        check_int("seed", seed, 0)
+        if reflections is not None and (
+            not isinstance(reflections, torch.Tensor)
+            or reflections.dtype != torch.uint8
+            or reflections.dim() != 4
+            or reflections.shape[0] < 1
+            or reflections.shape[1] not in (1, 3)
+        ):
+            shown = (
+                f"{reflections.dtype} {tuple(reflections.shape)}"
+                if isinstance(reflections, torch.Tensor)
+                else type(reflections).__name__
             )
-        if reflections is None and num_reflections < 1:
-            raise ValueError(f"num_reflections={num_reflections}; must be >= 1")
+            raise ValueError(
+                f"reflections must be uint8 (R, C, h, w) with R >= 1 and C in (1, 3), got {shown}"
+            )
         self.alpha = alpha
         self.ghost_rate = ghost_rate
         self.sigma_range = (float(low), float(high))
@@ -82,35 +96,10 @@ class Refool(Attack):
             self.reflection_source = "tensor"
             self._bank = reflections.cpu()
         self.num_reflections = self._bank.shape[0]
-        self._layers: dict[tuple[int, int, int], _Layers] = {}
 
     def max_shift(self, height: int, width: int) -> int:
         """The largest ghost shift in pixels on a height x width image (at least 1)."""
         return max(1, round(self.ghost_shift * min(height, width)))
-
-    def layers(self, channels: int, height: int, width: int) -> _Layers:
-        """The bank in linear light, float in [0, 1], and its two effects, precomputed:
-        bank (R, C, H, W); blurred (R, L, C, H, W), one per sigma of `SIGMA_LEVELS`;
-        shifted (R, S * S, C, H, W), one per ghost shift (dy, dx) in 1..S, S = `max_shift`.
-        Cached per image shape."""
-        key = (channels, height, width)
-        if key not in self._layers:
-            self._layers[key] = self._make_layers(channels, height, width)
-        return self._layers[key]
-
-    def _make_layers(self, channels: int, height: int, width: int) -> _Layers:
-        """Compute what `layers` returns."""
-        bank = (fit_images(self._bank, channels, height, width) / 255) ** GAMMA
-        sigmas = torch.linspace(*self.sigma_range, SIGMA_LEVELS)
-        rows = gaussian_blur_matrices(sigmas, height)[None, :, None]
-        cols = gaussian_blur_matrices(sigmas, width)[None, :, None].transpose(-1, -2)
-        blurred = rows @ bank[:, None] @ cols
-        steps = torch.arange(1, self.max_shift(height, width) + 1)
-        dy, dx = (t.flatten() for t in torch.meshgrid(steps, steps, indexing="ij"))
-        row_index = (torch.arange(height)[None] - dy[:, None]).clamp(0, height - 1)  # (K, H)
-        col_index = (torch.arange(width)[None] - dx[:, None]).clamp(0, width - 1)  # (K, W)
-        shifted = bank[:, :, row_index[:, :, None], col_index[:, None, :]].transpose(1, 2)
-        return bank, blurred, shifted
 
     def apply(
         self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
@@ -118,22 +107,41 @@ class Refool(Attack):
         """Copies of `images` (N, C, H, W) uint8 with a random reflection each."""
         check_images(images)
         n, channels, height, width = images.shape
-        device = images.device
-        bank, blurred, shifted = (t.to(device) for t in self.layers(channels, height, width))
-        pick = torch.randint(bank.shape[0], (n,), generator=generator).to(device)
-        level = torch.randint(SIGMA_LEVELS, (n,), generator=generator).to(device)
-        ghost = (torch.rand(n, generator=generator) < self.ghost_rate).nonzero().flatten()
-        shift = torch.randint(shifted.shape[1], (len(ghost),), generator=generator)
+        steps = self.max_shift(height, width)
+        pick = torch.randint(self.num_reflections, (n,), generator=generator)
+        level = torch.randint(SIGMA_LEVELS, (n,), generator=generator)
+        is_ghost = torch.rand(n, generator=generator) < self.ghost_rate
+        ghost = is_ghost.nonzero().flatten()
+        shift = torch.randint(steps * steps, (len(ghost),), generator=generator)
         weight = (
             torch.randint(0, 2, (len(ghost),), generator=generator)
             - 0.15
             - 0.35 * torch.rand(len(ghost), generator=generator)
         ).abs()
-        ghost, shift, w = ghost.to(device), shift.to(device), weight.to(device)[:, None, None, None]
-        layer = blurred[pick, level]
-        layer[ghost] = w * bank[pick[ghost]] + (1 - w) * shifted[pick[ghost], shift]
+        if n == 0:
+            return images.clone()
+        # the drawn reflections only (each distinct one resized once), in linear light
+        drawn, which = pick.unique(return_inverse=True)
+        bank = ((fit_images(self._bank[drawn], channels, height, width) / 255) ** GAMMA)[which]
+        layer = torch.empty_like(bank)
+        # focal blur: Bh(sigma) @ r @ Bw(sigma)^T with each row's sigma level
+        focal = (~is_ghost).nonzero().flatten()
+        sigmas = torch.linspace(*self.sigma_range, SIGMA_LEVELS)
+        rows = gaussian_blur_matrices(sigmas, height)[level[focal]][:, None]
+        cols = gaussian_blur_matrices(sigmas, width)[level[focal]][:, None].transpose(-1, -2)
+        layer[focal] = rows @ bank[focal] @ cols
+        # ghost: w r + (1 - w) r shifted by (dy, dx) in 1..steps (edge-replicated);
+        # shift k = (dy - 1) * steps + (dx - 1)
+        source = bank[ghost]
+        dy, dx = shift // steps + 1, shift % steps + 1
+        row_index = (torch.arange(height)[None] - dy[:, None]).clamp(0, height - 1)  # (G, H)
+        col_index = (torch.arange(width)[None] - dx[:, None]).clamp(0, width - 1)  # (G, W)
+        shifted = source.gather(2, row_index[:, None, :, None].expand_as(source))
+        shifted = shifted.gather(3, col_index[:, None, None, :].expand_as(source))
+        w = weight[:, None, None, None]
+        layer[ghost] = w * source + (1 - w) * shifted
         mixed = images.to(torch.float32).div_(255).pow_(GAMMA).mul_(1 - self.alpha)
-        mixed.add_(layer, alpha=self.alpha).clamp_(0, 1).pow_(1 / GAMMA).mul_(255)
+        mixed.add_(layer.to(images.device), alpha=self.alpha).clamp_(0, 1).pow_(1 / GAMMA).mul_(255)
         return to_uint8(mixed)
 
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from eglib.config import default_device
 from eglib.data import to_float
-from eglib.params import check_float
+from eglib.params import check_float, check_int
 from eglib.poison._fitted import FittedAttack, State, load_module_state, module_state, seeded
 from eglib.poison.base import register_attack
 from eglib.poison.ops import to_uint8
@@ -157,8 +157,7 @@ class SSBA(FittedAttack):
             ("fit_batch_size", fit_batch_size),
             ("batch_size", batch_size),
         ):
-            if value < 1:
-                raise ValueError(f"{label}={value}; must be >= 1")
+            check_int(label, value, 1)
         check_float("max_residual", max_residual, low=1e-6, high=1.0)
         check_float("lr", lr, low=1e-8, high=1.0)
         check_float("l2_weight", l2_weight, low=0.0, high=1e6)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from eglib.data import to_float
+from eglib.params import check_float, check_int
 
 PROTOCOLS: tuple[str, ...] = ("per_sample", "mixed", "pure")
 
@@ -192,12 +193,12 @@ def mixed_batches(
     into the same number of near-equal chunks, B = ceil(total / batch_size), so every batch
     holds about batch_size images of which a fraction r is triggered.
     """
-    if not 0 < poison_rate < 1:
-        raise ValueError(f"poison_rate={poison_rate!r}; must be in (0, 1)")
-    if batch_size < 2:
-        raise ValueError(f"batch_size={batch_size}; a mixed batch needs >= 2 images")
-    if n_clean < 1 or n_triggered < 1:
-        raise ValueError(f"n_clean={n_clean}, n_triggered={n_triggered}; both must be >= 1")
+    poison_rate = check_float(
+        "poison_rate", poison_rate, low=0.0, high=1.0, low_open=True, high_open=True
+    )
+    check_int("batch_size", batch_size, 2)  # a mixed batch holds clean and triggered images
+    check_int("n_clean", n_clean, 1)
+    check_int("n_triggered", n_triggered, 1)
     ratio = poison_rate / (1 - poison_rate)
     slots_clean = max(n_clean, math.ceil(n_triggered / ratio))
     slots_trig = max(n_triggered, round(slots_clean * ratio))
@@ -277,6 +278,7 @@ def evaluate_protocols(
             f"{tuple(clean_images.shape[1:])} differ in shape"
         )
     _check_batch_size(batch_size)
+    check_int("seed", seed, 0)
     dev = torch.device(device) if device is not None else _model_device(model)
     model.to(dev)
     trig_x, target = _counted(trig_x, target, source)  # the others take no part at all

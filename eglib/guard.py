@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from eglib.models.base import StagedNet
+from eglib.params import check_float, check_int
 from eglib.spectral import flatten_rows, gram_eigh, model_device, require_finite
 
 RULES: tuple[str, ...] = ("kth", "mean", "damp", "remove")
@@ -18,18 +19,64 @@ EVAL_MODES: tuple[str, ...] = ("running", "batch")
 F32_GRAM_MIN_RATIO = 1e-2
 
 
-def _validate_filter(k: int, rule: str, top_scale: float, tail_scale: float, eps: float) -> None:
-    """ValueError naming the first filter parameter out of range."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k={k!r}; must be an int >= 1")
+def identity_reason(k: int, rule: str, top_scale: float, tail_scale: float) -> str | None:
+    """Why a filter with these (in-range) settings is exactly the identity, else None.
+
+    g(s_i) / s_i is 1 for every singular value exactly when the tail is left alone
+    (tail_scale = 1) and the top k are too: rule 'kth' or 'mean' with k = 1 (s_1 set to s_1,
+    resp. to the mean of {s_1}), or rule 'damp' with top_scale = 1 (any k). 'remove' never
+    is; 'damp' with top_scale = tail_scale < 1 scales the whole batch by that factor, which
+    is not the identity. The Gram route then computes A + U_k diag(0) U_k^T A = A exactly.
+    """
+    if tail_scale != 1:
+        return None
+    if rule in ("kth", "mean") and k == 1:
+        what = "s_k" if rule == "kth" else "the mean of the top k"
+        return (
+            f"rule={rule!r} with k=1 sets s_1 to {what}, i.e. to s_1 itself, and "
+            "tail_scale=1.0 leaves the tail; use k >= 2 or tail_scale < 1"
+        )
+    if rule == "damp" and top_scale == 1:
+        return (
+            "rule='damp' with top_scale=1.0 multiplies the top k by 1, and tail_scale=1.0 "
+            "leaves the tail; use top_scale < 1 or tail_scale < 1"
+        )
+    return None
+
+
+def is_identity_filter(
+    k: int, rule: str = "kth", top_scale: float = 0.1, tail_scale: float = 1.0
+) -> bool:
+    """Whether EigenGuard(k, rule, top_scale, tail_scale) would map every batch to itself
+    (`identity_reason`): such a guard is refused; the undefended model is defence 'none'."""
+    return identity_reason(k, rule, top_scale, tail_scale) is not None
+
+
+def _validate_filter(
+    k: int, rule: str, top_scale: float, tail_scale: float, eps: float
+) -> tuple[float, float, float]:
+    """ValueError naming the first filter parameter out of range, or a filter that is the
+    identity; returns (top_scale, tail_scale, eps) as floats."""
+    check_int("k", k, 1)
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; allowed: {list(RULES)}")
-    if not 0 < top_scale <= 1:
-        raise ValueError(f"top_scale={top_scale!r}; must be in (0, 1] (use rule='remove' for 0)")
-    if not 0 < tail_scale <= 1:
-        raise ValueError(f"tail_scale={tail_scale!r}; must be in (0, 1] (1.0 leaves the tail)")
-    if not 0 < eps < 1:
-        raise ValueError(f"eps={eps!r}; must be in (0, 1)")
+    try:
+        top = check_float("top_scale", top_scale, low=0.0, high=1.0, low_open=True)
+    except ValueError as err:
+        raise ValueError(f"{err} (use rule='remove' for 0)") from None
+    try:
+        tail = check_float("tail_scale", tail_scale, low=0.0, high=1.0, low_open=True)
+    except ValueError as err:
+        raise ValueError(f"{err} (1.0 leaves the tail)") from None
+    small = check_float("eps", eps, low=0.0, high=1.0, low_open=True, high_open=True)
+    reason = identity_reason(k, rule, top, tail)
+    if reason is not None:
+        raise ValueError(
+            f"EigenGuard(k={k}, rule={rule!r}, top_scale={top_scale!r}, "
+            f"tail_scale={tail_scale!r}) is the identity: it would change nothing ({reason}; "
+            "for no defence use defence 'none')"
+        )
+    return top, tail, small
 
 
 def _check_eval_mode(mode: str) -> str:
@@ -86,7 +133,7 @@ def svd_filter(
     Slow (the naive route, for tests and the overhead benchmark); autograd goes through
     torch.linalg.svd, with the factors g(s)/s held constant.
     """
-    _validate_filter(k, rule, top_scale, tail_scale, eps)
+    top_scale, tail_scale, eps = _validate_filter(k, rule, top_scale, tail_scale, eps)
     A = flatten_rows(x)
     _check_size(A.shape[0], A.shape[1], k, "svd_filter")
     U, s, Vh = torch.linalg.svd(A, full_matrices=False)
@@ -106,6 +153,9 @@ class EigenGuard(nn.Module):
       'remove' (set to 0: the ablation, not the paper's method);
     - `tail_scale` in (0, 1]: the factor on every singular value beyond k (1.0 leaves the
       tail alone; 0.001 is the other reading of the paper's Algorithm 1).
+    Settings that make the filter exactly the identity are refused with ValueError
+    (`identity_reason`): tail_scale=1.0 with 'kth' or 'mean' at k=1, or with 'damp' at
+    top_scale=1.0.
     DEFAULT: rule='kth', tail_scale=1.0 (the top k share the k-th singular value, tail
     untouched), chosen by `eglib.studies.forced_dimension.choose_default` on the lite run
     (figures/forced_dimension.csv: BadNets 10 %, cnn-small after layer1, 3 seeds): the lowest
@@ -167,15 +217,13 @@ class EigenGuard(nn.Module):
         eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        _validate_filter(k, rule, top_scale, tail_scale, eps)
-        if not 0 < momentum <= 1:
-            raise ValueError(f"momentum={momentum!r}; must be in (0, 1]")
+        top_scale, tail_scale, eps = _validate_filter(k, rule, top_scale, tail_scale, eps)
         self.k = k
         self.rule = rule
-        self.top_scale = float(top_scale)
-        self.tail_scale = float(tail_scale)
-        self.momentum = float(momentum)
-        self.eps = float(eps)
+        self.top_scale = top_scale
+        self.tail_scale = tail_scale
+        self.momentum = check_float("momentum", momentum, low=0.0, high=1.0, low_open=True)
+        self.eps = eps
         self._eval_mode = _check_eval_mode(eval_mode)
         self.register_buffer("running_basis", torch.zeros(0, k))
         self.register_buffer("running_scale", torch.zeros(k))

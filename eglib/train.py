@@ -30,6 +30,7 @@ from eglib.config import default_device, exact_torch_threads
 from eglib.data import augment, iterate_batches, to_float
 from eglib.io import config_hash, load_state, save_state_atomic
 from eglib.models.base import StagedNet
+from eglib.params import check_bool, check_float, check_int
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -43,7 +44,8 @@ def default_pad(image_size: int) -> int:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Hyperparameters of one training run (units in the comments); validated on creation."""
+    """Hyperparameters of one training run (units in the comments); validated on creation:
+    numbers must be finite and in range, flags real bools (ValueError naming the field)."""
 
     epochs: int  # passes over the training set
     batch_size: int  # images per SGD step
@@ -61,25 +63,18 @@ class TrainSettings:
     )
 
     def __post_init__(self) -> None:
-        _check_int("epochs", self.epochs, 1)
-        _check_int("batch_size", self.batch_size, 1)
+        check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
         if self.pad is not None:
-            _check_int("pad", self.pad, 0)
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r}; must be > 0")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum={self.momentum!r}; must be in [0, 1)")
+            check_int("pad", self.pad, 0)
+        check_float("lr", self.lr, low=0.0, low_open=True)
+        check_float("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+        check_float("weight_decay", self.weight_decay, low=0.0)
+        check_float("label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_open=True)
+        for flag in ("nesterov", "augment", "hflip", "amp", "channels_last"):
+            check_bool(flag, getattr(self, flag))
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0 (got momentum=0)")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay={self.weight_decay!r}; must be >= 0")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing={self.label_smoothing!r}; must be in [0, 1)")
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r}; must be an int >= {minimum}")
 
 
 class Callback(Protocol):

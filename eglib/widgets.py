@@ -37,7 +37,7 @@ from eglib.config import torch_threads
 from eglib.data import take_subset
 from eglib.evaluate import PROTOCOLS, evaluate_protocols, mixed_batches
 from eglib.experiments import ExperimentResult
-from eglib.guard import EigenGuard, remove_guard
+from eglib.guard import EigenGuard, is_identity_filter, remove_guard
 from eglib.models.base import StagedNet
 from eglib.spectral import (
     capture_features,
@@ -117,9 +117,7 @@ class _CachedPrefix(nn.Module):
     `guards` holds every guard on the path, so the protocols switch their eval modes.
     """
 
-    def __init__(
-        self, model: StagedNet, layer: str, table: torch.Tensor, guard: EigenGuard
-    ) -> None:
+    def __init__(self, model: StagedNet, layer: str, table: torch.Tensor, guard: nn.Module) -> None:
         super().__init__()
         later = model.stages[model.stages.index(layer) + 1 :]
         self.table = table  # a plain attribute: no copy into state_dict or onto a device
@@ -446,10 +444,13 @@ class SpectralExplorer:
     def _metrics(self, attack: str, layer: str, state: _LayerState, k: int) -> Metrics:
         """ACC/ASR under the three protocols with EigenGuard(k) put after `layer` (replacing a
         guard the model has there; guards the model has before `layer` run per sample, as
-        they did when the features were captured)."""
+        they did when the features were captured). At a k where EigenGuard is the identity
+        (k = 1: s_1 set to s_1) that is the layer's features as they are."""
         sets = self._sets[attack]
-        guard = EigenGuard(k)
-        calibrate_running_stats(guard, state.calibration, sets.batch_size)
+        guard: nn.Module = nn.Identity()
+        if not is_identity_filter(k):
+            guard = EigenGuard(k)
+            calibrate_running_stats(guard, state.calibration, sets.batch_size)
         n_clean = len(sets.eval_clean)
         trig = sets.eval_triggered
         return evaluate_protocols(
@@ -531,6 +532,7 @@ class SpectralExplorer:
         sets = self._sets[attack]
         caption = (
             f"ACC / ASR (%) of the {attack} model as trained, and guarded: EigenGuard(k={k}) "
+            f"{'(the identity at k = 1) ' if is_identity_filter(k) else ''}"
             f"put after {layer} at test time ({len(sets.eval_labels)} clean, "
             f"{len(sets.eval_triggered.labels)} triggered test images)"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -166,6 +167,35 @@ def test_mixed_batches_construction() -> None:
             mixed_batches(10, 10, bad, 8, g)
     with pytest.raises(ValueError, match="batch_size=1"):
         mixed_batches(10, 10, 0.1, 1, g)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((10, 10, "0.1", 8), "poison_rate='0.1'; must be a finite number in \\(0.0, 1.0\\)"),
+        ((10, 10, True, 8), "poison_rate=True"),
+        ((10, 10, math.nan, 8), "poison_rate=nan"),
+        ((10, 10, 0.1, 2.5), "batch_size=2.5; must be an int >= 2"),
+        ((10, 10, 0.1, "8"), "batch_size='8'"),
+        (("10", 10, 0.1, 8), "n_clean='10'"),
+        ((10, 0, 0.1, 8), "n_triggered=0; must be an int >= 1"),
+    ],
+)
+def test_mixed_batches_refuse_bad_arguments(args: tuple, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        mixed_batches(*args, torch.Generator().manual_seed(0))
+
+
+def test_protocols_refuse_a_bad_poison_rate_or_seed() -> None:
+    clean_x, clean_y = _random_set(8, seed=3)
+    trig_x, source = _random_set(8, seed=4)
+    target = torch.full_like(source, 3)
+    source[source == 3] = 4
+    trig = _Triggered(trig_x, target, source)
+    with pytest.raises(ValueError, match="poison_rate='0.1'"):
+        evaluate_protocols(_cnn(), clean_x, clean_y, trig, poison_rate="0.1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="seed='0'; must be an int >= 0"):
+        evaluate_protocols(_cnn(), clean_x, clean_y, trig, poison_rate=0.1, seed="0")  # type: ignore[arg-type]
 
 
 def test_protocols_identical_without_guards() -> None:

@@ -10,8 +10,10 @@ import torch
 from eglib.guard import (
     RULES,
     EigenGuard,
+    _top_factors,
     guards,
     insert_guard,
+    is_identity_filter,
     remove_guard,
     set_eval_mode,
     svd_filter,
@@ -261,11 +263,61 @@ def test_eval_mode_is_validated() -> None:
         ({"k": 2, "tail_scale": float("nan")}, "tail_scale=nan"),
         ({"k": 2, "momentum": 0.0}, "momentum=0.0"),
         ({"k": 2, "eps": 2.0}, "eps=2.0"),
+        # wrong types: a clear ValueError, not a bare TypeError from a comparison
+        ({"k": 4, "top_scale": "0.1"}, r"top_scale='0.1'; must be a finite number"),
+        ({"k": 4, "momentum": None}, r"momentum=None; must be a finite number in \(0.0, 1.0\]"),
+        ({"k": 4, "eps": "1e-6"}, r"eps='1e-6'; must be a finite number in \(0.0, 1.0\)"),
+        ({"k": 4, "tail_scale": True}, "tail_scale=True"),  # not read as 1.0
+        ({"k": 4, "rule": "damp", "top_scale": True}, "top_scale=True"),
+        ({"k": True}, "k=True"),
+        ({"k": 4, "top_scale": float("inf")}, "top_scale=inf"),
+        ({"k": 4, "momentum": float("nan")}, "momentum=nan"),
+        ({"k": 4, "eps": [1e-6]}, r"eps=\[1e-06\]"),
     ],
 )
 def test_bad_parameters_raise(params: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         EigenGuard(**params)
+
+
+IDENTITIES = [
+    {"k": 1, "rule": "kth"},
+    {"k": 1, "rule": "mean", "tail_scale": 1.0},
+    {"k": 1, "rule": "damp", "top_scale": 1.0},
+    {"k": 5, "rule": "damp", "top_scale": 1.0, "tail_scale": 1.0},
+]
+
+
+@pytest.mark.parametrize("params", IDENTITIES)
+def test_identity_guards_are_refused(params: dict) -> None:
+    """Settings under which the guard maps every batch to itself: refused, naming a fix."""
+    assert is_identity_filter(**params)
+    with pytest.raises(ValueError, match=r"is the identity: it would change nothing.*use "):
+        EigenGuard(**params)
+    with pytest.raises(ValueError, match="is the identity"):
+        svd_filter(torch.randn(8, 6), **params)
+
+
+def test_identity_settings_are_exactly_those_whose_factors_are_all_one() -> None:
+    """On a spectrum of distinct singular values, g(s)/s = 1 everywhere (top k and tail)
+    holds for exactly the settings `is_identity_filter` names, and no others: e.g. k=1 with
+    a tail < 1, 'damp' with top_scale = tail_scale < 1 (a uniform rescaling) or 'remove' at
+    k=1 are real filters and are accepted."""
+    s = torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    seen = set()
+    for k in (1, 2, 3):
+        for rule in RULES:
+            for top_scale in (0.5, 1.0):
+                for tail_scale in (0.5, 1.0):
+                    top = _top_factors(s, k, rule, top_scale, tail_scale, 1e-6)
+                    unchanged = bool((top == 1).all()) and tail_scale == 1.0
+                    assert is_identity_filter(k, rule, top_scale, tail_scale) is unchanged
+                    seen.add(unchanged)
+                    if not unchanged:
+                        x = torch.randn(8, 6, dtype=torch.float64, generator=_gen(k))
+                        out = EigenGuard(k, rule, top_scale, tail_scale).double().train()(x)
+                        assert not torch.allclose(out, x)
+    assert seen == {True, False}
 
 
 def test_bad_batches_raise() -> None:

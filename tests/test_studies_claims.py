@@ -251,14 +251,52 @@ def test_grids_are_well_formed(profile: str) -> None:
     assert ref["k"] in forced.k and ref["variant"] in forced.variants
     assert ref["tail_scale"] in forced.tail_scales
     n_seeds = len(PROFILES[profile].seeds)
-    per_seed = 1 + len(forced.k) * len(forced.variants) * len(forced.tail_scales)
+    # the grid's identity points (k = 1 with 'kth' or 'mean' at tail 1.0: EigenGuard refuses
+    # them, and the undefended run is their model) are not run
+    identity = sum(
+        k == 1 and v in ("kth", "mean") and t == 1.0
+        for k in forced.k
+        for v in forced.variants
+        for t in forced.tail_scales
+    )
+    per_seed = 1 + len(forced.k) * len(forced.variants) * len(forced.tail_scales) - identity
     assert len(configs) == n_seeds * per_seed
+
+
+def test_forced_grid_skips_identity_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    """k = 1 with 'kth' or 'mean' and tail 1.0 maps s_1 to itself and leaves the tail: the
+    identity guard, which EigenGuard refuses. The grid leaves those points out (the
+    undefended run is their model) and keeps their neighbours; the notes list them."""
+    points = {
+        (d["k"], d["variant"], d["tail_scale"])
+        for d in map(describe, study_configs("ci"))
+        if d["variant"] != UNDEFENDED
+    }
+    assert (1, "kth", 1.0) not in points and len(points) == 11  # 2 x 2 x 3 - 1
+    assert {(1, "kth", 0.001), (1, "damp 0.001", 1.0), (4, "kth", 1.0)} <= points
+    for profile in ("demo", "full"):
+        run = [describe(c) for c in study_configs(profile, (0,))]
+        assert not [
+            d
+            for d in run
+            if d["k"] == 1 and d["tail_scale"] == 1.0 and d["variant"] in ("kth", "mean")
+        ]
+        assert {"variant": "mean", "k": 1, "tail_scale": 0.001, "at": "layer1"} in run
+    assert forced_dimension.is_identity_point(1, "mean", 1.0)
+    assert forced_dimension.is_identity_point(4, "damp 1", 1.0)
+    assert not forced_dimension.is_identity_point(1, "remove", 1.0)
+    assert not forced_dimension.is_identity_point(1, "kth", 0.001)
+    monkeypatch.setattr(forced_dimension, "run_configs", lambda configs, **kw: _fake_rows())
+    notes = forced_dimension.run("ci", progress=False).notes
+    assert notes["identity_points_skipped"] == [{"variant": "kth", "tail_scale": 1.0, "k": 1}]
+    assert notes["k"] == [1, 4, 16]  # the grid itself is unchanged
 
 
 def test_ci_grids_are_small_and_shared() -> None:
     forced = set(study_configs("ci"))
     ablation = {c for cs in ablations.all_configs("ci").values() for c in cs}
-    assert len(forced) <= 13 and len(ablation) <= 12
+    # 13 grid points less the identity one (kth, k = 1, tail 1.0), which is not run
+    assert len(forced) <= 12 and len(ablation) <= 12
     assert len(ablation - forced) <= 6  # most ablation runs come from the forced-dim cache
     assert {c.model for c in ablation} == {"cnn-small"}
     slow = ablations.layer_configs("full", include_slow=True)

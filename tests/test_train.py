@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
@@ -65,6 +66,19 @@ QUICK = TrainSettings(epochs=2, batch_size=32, hflip=False)
         ("weight_decay", -1e-4, "weight_decay=-0.0001"),
         ("pad", -1, "pad=-1"),
         ("label_smoothing", 1.0, "label_smoothing=1.0"),
+        # not finite, or of the wrong type: named, never accepted or a bare TypeError
+        ("lr", math.inf, "lr=inf; must be a finite number"),
+        ("weight_decay", math.inf, "weight_decay=inf; must be a finite number"),
+        ("lr", "0.1", "lr='0.1'"),
+        ("momentum", None, "momentum=None"),
+        ("label_smoothing", math.nan, "label_smoothing=nan"),
+        ("batch_size", True, "batch_size=True"),
+        # flags must be real bools: amp="no" is truthy and would turn bf16 autocast on
+        ("amp", "no", "amp='no'; must be True or False"),
+        ("augment", 0, "augment=0; must be True or False"),
+        ("hflip", 1, "hflip=1"),
+        ("nesterov", "yes", "nesterov='yes'"),
+        ("channels_last", None, "channels_last=None"),
     ],
 )
 def test_settings_reject_bad_values(field: str, value: object, match: str) -> None:

@@ -34,6 +34,7 @@ from eglib.studies.forced_dimension import (
     VARIANTS,
     describe,
     guard_params,
+    is_identity_point,
     model_stages,
     percent_table,
     run_configs,
@@ -160,13 +161,16 @@ def layer_configs(
 def _vary(
     profile: str, param: str, values: Sequence[Any], seeds: Seeds = None
 ) -> list[ExperimentConfig]:
-    """The undefended run and the reference guard with `param` set to each of `values`."""
+    """The undefended run and the reference guard with `param` set to each of `values`,
+    less the values where the guard is the identity (`is_identity_point`, e.g. k = 1 for
+    'kth' with tail 1.0: the undefended run is that model)."""
     grid = grid_for(profile)
+    kept = [v for v in values if not is_identity_point(**{**grid.reference, param: v})]
     return _per_seed(
         profile,
         lambda seed: [
             study_config(profile, seed),
-            *(study_config(profile, seed, _reference(grid, **{param: v})) for v in values),
+            *(study_config(profile, seed, _reference(grid, **{param: v})) for v in kept),
         ],
         seeds,
     )

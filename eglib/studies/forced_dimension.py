@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from eglib.config import get_profile
 from eglib.data import dataset_info
 from eglib.experiments import ExperimentConfig, record_row
+from eglib.guard import is_identity_filter
 from eglib.models import make_model
 from eglib.plots import PROTOCOLS, formatted_table, metric_vs_param
 from eglib.studies.base import StudyResult
@@ -55,7 +56,9 @@ CHOICE_KEYS = ("variant", "tail_scale", "k")  # what identifies a guard configur
 
 @dataclass(frozen=True)
 class ForcedGrid:
-    """The factorial grid of one profile: forced dimensions x rule variants x tail factors."""
+    """The factorial grid of one profile: forced dimensions x rule variants x tail factors.
+
+    Its points where the guard is the identity (`is_identity_point`) are not run."""
 
     k: tuple[int, ...]
     variants: tuple[str, ...]
@@ -63,7 +66,8 @@ class ForcedGrid:
 
 
 GRIDS: dict[str, ForcedGrid] = {
-    # 2 variants x 2 tails x 3 k + the undefended run = 13 small runs
+    # 2 variants x 2 tails x 3 k, less the identity (kth, tail 1.0, k = 1: see `grid_points`),
+    # + the undefended run = 12 small runs
     "ci": ForcedGrid(k=(1, 4, 16), variants=("kth", "damp 0.001"), tail_scales=(1.0, 0.001)),
     "demo": ForcedGrid(k=(1, 4, 16, 64), variants=tuple(VARIANTS), tail_scales=(1.0, 0.001)),
     # 2 variants x 2 tails x 2 k + undefended = 9 runs per seed, 27 in all (~35 s of one
@@ -92,6 +96,26 @@ def variant_params(label: str) -> dict[str, Any]:
         except ValueError:
             pass
     raise ValueError(f"unknown variant {label!r}; allowed: {list(VARIANTS)} or 'damp <factor>'")
+
+
+def is_identity_point(k: int, variant: str, tail_scale: float) -> bool:
+    """Whether the grid point's guard maps every batch to itself (`eglib.guard.identity_reason`:
+    'kth' or 'mean' at k = 1, or 'damp 1', with tail 1.0). EigenGuard refuses such a guard,
+    and the study's undefended run (k = 0) is that model already."""
+    params = variant_params(variant)
+    return is_identity_filter(k, params["rule"], params.get("top_scale", 0.1), float(tail_scale))
+
+
+def _factorial(grid: ForcedGrid) -> list[tuple[int, str, float]]:
+    """(k, variant, tail_scale) of every point of `grid`: by variant, then tail, then k."""
+    return [(k, v, t) for v in grid.variants for t in grid.tail_scales for k in grid.k]
+
+
+def grid_points(grid: ForcedGrid) -> list[tuple[int, str, float]]:
+    """(k, variant, tail_scale) of every guarded run of `grid` (the `guard_params`
+    arguments), by variant, then tail, then k; identity points left out
+    (`is_identity_point`: k = 1 with 'kth' or 'mean' and tail 1.0)."""
+    return [point for point in _factorial(grid) if not is_identity_point(*point)]
 
 
 def guard_params(k: int, variant: str, tail_scale: float, at: str | None = None) -> dict[str, Any]:
@@ -150,22 +174,18 @@ def forced_grid(profile: str, grid: str | None = None) -> ForcedGrid:
 def study_configs(
     profile: str | None = None, seeds: Sequence[int] | None = None, grid: str | None = None
 ) -> list[ExperimentConfig]:
-    """Every run of the study: per seed, the undefended run then the whole grid.
+    """Every run of the study: per seed, the undefended run then the whole grid, less its
+    identity points (`grid_points`: the undefended run is their model).
 
     `seeds` (default: the profile's) and `grid` (another profile's grid, e.g. lite's 8
     filters at full size) choose a subset of what the profile would run.
     """
     prof = get_profile(profile)
-    grid_points = forced_grid(prof.name, grid)
+    points = grid_points(forced_grid(prof.name, grid))
     configs = []
     for seed in prof.seeds if seeds is None else seeds:
         configs.append(study_config(prof.name, seed))
-        configs += [
-            study_config(prof.name, seed, guard_params(k, variant, tail))
-            for variant in grid_points.variants
-            for tail in grid_points.tail_scales
-            for k in grid_points.k
-        ]
+        configs += [study_config(prof.name, seed, guard_params(*point)) for point in points]
     return configs
 
 
@@ -360,6 +380,11 @@ def run(
             "k": list(chosen.k),
             "variants": list(chosen.variants),
             "tail_scales": list(chosen.tail_scales),
+            "identity_points_skipped": [
+                {"variant": v, "tail_scale": t, "k": k}
+                for k, v, t in _factorial(chosen)
+                if is_identity_point(k, v, t)
+            ],
             "size_overrides": SIZES[prof.name],
             "choice": {k: v for k, v in choice.items()},
             "choice_rule": (

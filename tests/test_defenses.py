@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import OrderedDict
@@ -12,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from eglib.data import to_float
 from eglib.defenses import DEFENSES, DefenseContext, make_defense
 from eglib.defenses.abl import lga_loss
 from eglib.defenses.anp import (
@@ -515,6 +517,184 @@ def test_lga_loss_ascends_below_gamma() -> None:
     ce = nn.functional.cross_entropy(model(x), y)
     assert lga_loss(gamma=ce.item() + 1)(model, x, y).item() == pytest.approx(-ce.item())
     assert lga_loss(gamma=0.0)(model, x, y).item() == pytest.approx(ce.item())
+
+
+# ---------------------------------------------------------------------------------------------
+# Behaviour of the post-training defences (tiny, each well under a second)
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _poisoned_state() -> dict[str, torch.Tensor]:
+    """tiny_net trained on tiny_context's poisoned data (once per session). tiny_net's
+    weights are drawn from the global RNG before it seeds it, so that state is fixed here:
+    the result does not depend on which tests ran before."""
+    ctx = tiny_context()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = tiny_net()
+    ctx.train(model, ctx.images, ctx.labels)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def cached_context(seed: int = 0) -> DefenseContext:
+    """tiny_context with run seed `seed` whose undefended run is cached: the post-training
+    defences start from the same poisoned model without training it again."""
+    ctx = tiny_context()
+    ctx.seed = seed
+    state = _poisoned_state()
+    ctx.undefended = lambda: ({k: v.clone() for k, v in state.items()}, [], "cached")
+    return ctx
+
+
+def _poisoned_net() -> StagedNet:
+    model = tiny_net()
+    model.load_state_dict(_poisoned_state())
+    return model.eval()
+
+
+def test_anp_draws_follow_the_run_seed_unless_fixed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """seed=None (the default) takes the run's seed, so each seed of a table draws its own
+    batch order and perturbations; an int fixes them across runs."""
+    masks: list[torch.Tensor] = []
+    learn = AdversarialNeuronPruning.learn_masks
+
+    def spy(self: AdversarialNeuronPruning, *args: Any, **kwargs: Any) -> NeuronPerturbation:
+        perturbation = learn(self, *args, **kwargs)
+        masks.append(torch.cat([m.detach().clone() for m in perturbation.masks.values()]))
+        return perturbation
+
+    monkeypatch.setattr(AdversarialNeuronPruning, "learn_masks", spy)
+    assert AdversarialNeuronPruning().params()["seed"] is None
+    for seed in (None, 0):
+        for run_seed in (0, 1):
+            make_defense("anp", **SMOKE_PARAMS["anp"], seed=seed).run(cached_context(run_seed))
+    by_run_0, by_run_1, fixed_0, fixed_1 = masks
+    assert not torch.equal(by_run_0, by_run_1)  # the run's seed changes the draws
+    assert torch.equal(fixed_0, fixed_1)  # seed=0 repeats them whatever the run's seed
+    assert torch.equal(by_run_0, fixed_0)  # None at run seed 0 is seed 0
+
+
+def test_anp_noise_step_raises_the_loss() -> None:
+    """The perturbation step is gradient ASCENT: after it the loss under the perturbation is
+    above both the loss at its random start and the loss without perturbation."""
+    model = _poisoned_net().requires_grad_(False)
+    images, labels = tiny_data(24, seed=2)
+    x = to_float(images)
+    anp = AdversarialNeuronPruning(eps=0.4, steps=1)
+    perturbation = NeuronPerturbation(model)
+    masks_stay = torch.optim.SGD(list(perturbation.masks.values()), lr=0.0)
+    noise_opt = torch.optim.SGD(perturbation.noise_tensors(), lr=anp.eps / anp.steps)
+
+    def loss(noisy: bool) -> float:
+        perturbation.noisy = noisy
+        with torch.no_grad():
+            return float(nn.functional.cross_entropy(model(x), labels))
+
+    with perturbation.attached():
+        anp._step(model, perturbation, masks_stay, noise_opt, x, labels, _seeded(0))
+        natural, perturbed = loss(False), loss(True)
+        draws = _seeded(0)  # the random start the step began from, drawn again
+        with torch.no_grad():
+            for tensor in perturbation.noise_tensors():
+                tensor.copy_((2 * torch.rand(tensor.shape, generator=draws) - 1) * anp.eps)
+        start = loss(True)
+    assert perturbed > start and perturbed > natural
+
+
+def test_anp_mask_learning_moves_the_masks_not_the_weights() -> None:
+    model = _poisoned_net()
+    images, labels = tiny_data(24, seed=2)
+    anp = AdversarialNeuronPruning(iterations=3, batch_size=8)
+    cpu = torch.device("cpu")
+    perturbation = anp.learn_masks(model, images, labels, cpu, False, seed=0)
+    masks = torch.cat([m.detach() for m in perturbation.masks.values()])
+    assert int((masks < 1).sum()) >= 3 and bool(((masks >= 0) & (masks <= 1)).all())
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, _poisoned_state()[name], msg=name)
+    assert all(p.requires_grad for p in model.parameters())  # unfrozen afterwards
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("betas", [(0.0, 0.0, 0.0), (500.0, 1000.0, 1000.0)])
+def test_nad_loss_is_cross_entropy_plus_weighted_attention_distance(
+    betas: tuple[float, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The student's loss is CE + sum_i betas[i] * AT(student, teacher) at each layer, the
+    attention maps of the student against those of the fine-tuned teacher: with all betas 0
+    exactly CE. (Checked in eval mode, where the forward passes are deterministic.)"""
+    import eglib.defenses.nad as nad
+
+    layers = ["stem", "layer1", "layer2"]  # the last len(betas) stages of tiny_net
+    seen: dict[str, Any] = {}
+    fine_tune, tune = nad.fine_tune, nad.tune
+
+    def teacher_spy(ctx: DefenseContext, teacher: StagedNet, *args: Any) -> list[float]:
+        seen["teacher"] = teacher
+        return fine_tune(ctx, teacher, *args)
+
+    def distances(student: StagedNet, x: torch.Tensor) -> list[float]:
+        with (
+            torch.no_grad(),
+            stage_outputs(student, layers) as s_out,
+            stage_outputs(seen["teacher"], layers) as t_out,
+        ):
+            student(x), seen["teacher"](x)
+            return [float(attention_loss(s_out[n], t_out[n], 2.0)) for n in layers]
+
+    def student_spy(
+        model: StagedNet, images: torch.Tensor, labels: torch.Tensor, loss_fn: Any, **kw: Any
+    ) -> list[float]:
+        x, y = to_float(images), labels
+        model.eval()
+        with torch.no_grad():
+            got = float(loss_fn(model, x, y))
+            ce = float(nn.functional.cross_entropy(model(x), y))
+        seen["distances"] = distances(model, x)
+        seen["loss"] = (got, ce)
+        return tune(model, images, labels, loss_fn, **kw)
+
+    monkeypatch.setattr(nad, "fine_tune", teacher_spy)
+    monkeypatch.setattr(nad, "tune", student_spy)
+    params = {**SMOKE_PARAMS["nad"], "betas": betas}
+    make_defense("nad", **params).run(cached_context())
+    got, ce = seen["loss"]
+    want = sum(b * d for b, d in zip(betas, seen["distances"], strict=True))
+    assert got - ce == pytest.approx(want, rel=1e-4, abs=1e-6)
+    if any(betas):
+        assert want > 1e-3  # the teacher differs from the student: the term is not trivial
+
+
+@pytest.mark.parametrize("name", ["ft", "nad"])
+def test_ft_and_nad_tune_on_the_clean_reserve(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FT's fine-tuning and NAD's teacher and student see the clean reserve only, never the
+    poisoned training set."""
+    import eglib.defenses.ft as ft
+    import eglib.defenses.nad as nad
+
+    rows: list[tuple[str, int]] = []
+    train, tune = ft.train_model, nad.tune
+
+    def train_spy(model: StagedNet, images: torch.Tensor, *args: Any, **kw: Any) -> Any:
+        rows.append(("fine-tune", len(images)))
+        return train(model, images, *args, **kw)
+
+    def tune_spy(model: StagedNet, images: torch.Tensor, *args: Any, **kw: Any) -> Any:
+        rows.append(("distil", len(images)))
+        return tune(model, images, *args, **kw)
+
+    monkeypatch.setattr(ft, "train_model", train_spy)
+    monkeypatch.setattr(nad, "tune", tune_spy)
+    ctx = cached_context()
+    assert ctx.clean_labels is not None
+    n_clean = len(ctx.clean_labels)
+    assert n_clean != len(ctx.labels)
+    make_defense(name, **SMOKE_PARAMS[name]).run(ctx)
+    want = [("fine-tune", n_clean)] + ([("distil", n_clean)] if name == "nad" else [])
+    assert rows == want
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,11 +31,13 @@ class FineTuning(Defense):
     al., NeurIPS 2022 Datasets & Benchmarks). The fine-tuning uses the project's training
     loop (SGD nesterov, cosine decay from `lr`, crop augmentation) on `ctx.clean_images`.
 
-    Parameters (defaults): epochs=20, lr=0.01, batch_size=64, hflip=False (set True for
-    data where flips keep the class: CIFAR, Fashion-MNIST). BackdoorBench's CIFAR-10 config:
-    100 epochs, batch 256, lr 0.01, cosine, 5 % clean data; our clean reserve is smaller and
-    the budget is CPU, so fewer epochs with smaller batches (a similar number of steps on
-    the `ci` profile's reserve is out of reach; raise `epochs` on a GPU).
+    Parameters (defaults): epochs=20, lr=0.01, batch_size=64, hflip=False (crop
+    augmentation only, as the project's defence table runs it; hflip=True adds random
+    horizontal flips, an option for data whose classes survive a flip). BackdoorBench's
+    CIFAR-10 config: 100 epochs, batch 256, lr 0.01, cosine, 5 % clean data; our clean
+    reserve is smaller and the budget is CPU, so fewer epochs with smaller batches (a
+    similar number of steps on the `ci` profile's reserve is out of reach; raise `epochs`
+    on a GPU).
     """
 
     name = "ft"

@@ -68,8 +68,12 @@ class NeuralAttentionDistillation(Defense):
     (`te_epochs`), epochs=20 (student; the NAD paper's 20, BackdoorBench runs 100), lr=0.01,
     batch_size=64 (BackdoorBench 256: our reserve is small), betas=(500, 1000, 1000) and
     p=2.0 (`beta1..3`, `p`), layers=None (the last len(betas) stages, as BackdoorBench uses
-    layer2..4 of PreAct-ResNet-18), hflip=False. CPU budget: both phases see only the clean
-    reserve, about one main-training epoch of work in total on our profiles.
+    layer2..4 of PreAct-ResNet-18), hflip=False (crop augmentation only, as the project's
+    defence table runs it; hflip=True adds random horizontal flips to both phases, an option
+    for data whose classes survive a flip). Weight decay is 5e-4 in both phases (the
+    project's training recipe, `TrainSettings` and `tune`), not BackdoorBench's 1e-4, and is
+    not a parameter; the recorded results used 5e-4. CPU budget: both phases see only the
+    clean reserve, about one main-training epoch of work in total on our profiles.
     """
 
     name = "nad"

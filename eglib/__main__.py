@@ -12,8 +12,12 @@ from typing import Any
 FIGURES = Path("figures")
 
 
+PYTHON_CONSTANTS = {"True": True, "False": False, "None": None}  # as a Python user types them
+
+
 def _parse_params(pairs: Sequence[str]) -> dict[str, Any]:
-    """`key=value` pairs; values parsed as JSON when they parse (numbers, true, null), else text."""
+    """`key=value` pairs; values parsed as JSON when they parse (numbers, true, null), or as
+    Python's True/False/None, else text."""
     params: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
@@ -22,7 +26,7 @@ def _parse_params(pairs: Sequence[str]) -> dict[str, Any]:
         try:
             params[key] = json.loads(raw)
         except json.JSONDecodeError:
-            params[key] = raw
+            params[key] = PYTHON_CONSTANTS.get(raw, raw)
     return params
 
 

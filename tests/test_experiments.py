@@ -16,7 +16,7 @@ from filelock import FileLock
 
 import eglib.defenses.ft as ft_module
 import eglib.experiments as experiments
-from eglib.__main__ import main
+from eglib.__main__ import _parse_params, main
 from eglib.config import PROFILES, Profile
 from eglib.defenses.base import recorded_params
 from eglib.experiments import (
@@ -252,6 +252,14 @@ def test_a_record_without_its_model_is_tabulated_but_never_loaded(
 
     monkeypatch.setattr(experiments, "_train_run", fake_train_run)
     assert run_experiment(cfg, progress=False) == "trained" and retrained == [cfg]
+
+
+def test_cli_parameters_read_json_and_python_constants() -> None:
+    """dithering=False was the text 'False' (truthy, refused now): Python's spellings of the
+    constants parse as JSON's do."""
+    parsed = _parse_params(["a=False", "b=true", "c=None", "d=2.5", "e=[1, 2]", "f=corner"])
+    assert parsed == {"a": False, "b": True, "c": None, "d": 2.5, "e": [1, 2], "f": "corner"}
+    assert parsed["a"] is False and parsed["c"] is None
 
 
 def test_cli_train_prints_a_row(tiny_fashion, tmp_cache, capsys, monkeypatch) -> None:

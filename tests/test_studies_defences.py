@@ -309,7 +309,9 @@ def _fake_grid(calls: list[int]) -> Any:
 def _fake_reports(scored: list[ExperimentConfig]) -> Any:
     """A detector_reports that records which runs it scored and reports a fixed AUROC."""
 
-    def detector_reports(cfg: ExperimentConfig, detectors: Any) -> list[dict[str, Any]]:
+    def detector_reports(
+        cfg: ExperimentConfig, detectors: Any, *, cached_only: bool = False
+    ) -> list[dict[str, Any]]:
         scored.append(cfg)
         return [_report(d, cfg.poison_rate, cfg.seed, 0.7, 0.6) for d in detectors]
 
@@ -383,6 +385,27 @@ def test_defence_table_cached_only_trains_nothing_and_counts_seeds(
     fig = defence_table.figures(result)[""]
     assert "over 2-3 seeds per cell (column n)" in fig.get_suptitle()
     plt.close("all")
+
+
+def test_cached_only_never_trains_to_score_detection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record copied without its model (model.pt) is tabulated; scoring its detectors
+    would retrain it, so cached_only leaves its detection out and says so."""
+    monkeypatch.setattr(runs, "run_grid", _fake_grid([]))
+    real_reports = defence_table.detector_reports
+    monkeypatch.setattr(defence_table, "detector_reports", _fake_reports([]))
+    defence_table.run("ci", progress=False, seeds=[0], defenses=["none"], detection=False)
+    monkeypatch.setattr(defence_table, "detector_reports", real_reports)
+
+    def no_training(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("cached_only trained a run")
+
+    monkeypatch.setattr(defence_table, "run_experiment", no_training)
+    result = defence_table.run(
+        "ci", progress=False, seeds=[0], defenses=["none"], detection=False, cached_only=True
+    )
+    none_run = defence_table.table_config("ci", "badnets", "none", 0)
+    assert result.notes["detection_not_scored"] == [none_run.key()]
+    assert result.data["detection_records"] == [] and len(result.rows) == 1
 
 
 def test_trigger_ranks_on_a_tiny_untrained_model() -> None:

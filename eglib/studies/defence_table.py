@@ -27,6 +27,7 @@ from eglib.defenses.detection import detection_table, evaluate_detectors
 from eglib.experiments import (
     ExperimentConfig,
     is_cached,
+    is_loadable,
     record_row,
     run_dir,
     run_experiment,
@@ -192,12 +193,15 @@ def detection_configs(
     return table_configs(profile, chosen, ("none",), seeds, rates=grid.detection_rates)
 
 
-def detector_reports(cfg: ExperimentConfig, detectors: Sequence[str]) -> list[dict[str, Any]]:
+def detector_reports(
+    cfg: ExperimentConfig, detectors: Sequence[str], *, cached_only: bool = False
+) -> list[dict[str, Any]]:
     """Each detector's report (`evaluate_detectors`: AUROC, tpr, fpr, counts, its `info`) on
     the trained undefended model of `cfg` and its own poisoned training set, plus attack,
-    poison_rate, seed and target. Trains `cfg` if the cache lacks it; the reports are cached
-    next to the run (`DETECTION_FILE`) and recomputed when the detectors or any of their
-    parameters (their current defaults) differ."""
+    poison_rate, seed and target. Trains `cfg` if the cache lacks it (`cached_only`: returns
+    no reports instead, where the cache holds no current reports and no model to score);
+    the reports are cached next to the run (`DETECTION_FILE`) and recomputed when the
+    detectors or any of their parameters (their current defaults) differ."""
     if cfg.defense != "none" or cfg.attack is None:
         raise ValueError(
             f"detectors score an undefended, poisoned run; got attack={cfg.attack!r}, "
@@ -209,6 +213,8 @@ def detector_reports(cfg: ExperimentConfig, detectors: Sequence[str]) -> list[di
         cached = read_json(path)
         if cached.get("detectors") == chosen:
             return list(cached["records"])
+    if cached_only and not is_loadable(cfg):
+        return []
     result = run_experiment(cfg, progress=False)
     data = result.data
     assert data.poisoned is not None  # an attack was named
@@ -378,7 +384,10 @@ def run(
     records = run_records([*main, *extra], jobs=jobs, progress=progress)
     rows = seed_rows(records[: len(main)])
     scored = list(dict.fromkeys([*(c for c in main if c.defense == "none"), *extra]))
-    det = detection_records([r for cfg in scored for r in detector_reports(cfg, grid.detectors)])
+    reports = {
+        cfg: detector_reports(cfg, grid.detectors, cached_only=cached_only) for cfg in scored
+    }
+    det = detection_records([r for found in reports.values() for r in found])
     return StudyResult(
         name=NAME,
         profile=prof.name,
@@ -403,6 +412,7 @@ def run(
             "runs": len(dict.fromkeys([*main, *extra])),
             "std": "sample std over seeds (NaN for one seed)",
             "cached_only": cached_only,
+            "detection_not_scored": [cfg.key() for cfg, found in reports.items() if not found],
         },
     )
 

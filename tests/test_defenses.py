@@ -273,7 +273,9 @@ NUM_CLASSES = 3
 
 
 def tiny_net() -> StagedNet:
-    """A 3-stage conv net with BatchNorm (~1k parameters) on 1x12x12 images."""
+    """A 3-stage conv net with BatchNorm (~1k parameters) on 1x12x12 images, the same
+    weights on every call (seeded before the layers are built, whatever ran before)."""
+    torch.manual_seed(0)
 
     def block(cin: int, cout: int, stride: int) -> nn.Sequential:
         return nn.Sequential(
@@ -287,8 +289,14 @@ def tiny_net() -> StagedNet:
     )
     infos = [StageInfo("stem", 4, 1), StageInfo("layer1", 8, 2), StageInfo("layer2", 8, 4)]
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(8, NUM_CLASSES))
-    torch.manual_seed(0)
     return StagedNet(stages, head, infos, NUM_CLASSES, 1, default_guard_stage="layer1")
+
+
+def test_tiny_net_is_the_same_whatever_ran_before() -> None:
+    first = tiny_net().state_dict()
+    torch.rand(100)  # another draw from the global RNG
+    again = tiny_net().state_dict()
+    assert all(torch.equal(first[name], again[name]) for name in first)
 
 
 def tiny_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -526,13 +534,9 @@ def test_lga_loss_ascends_below_gamma() -> None:
 
 @functools.cache
 def _poisoned_state() -> dict[str, torch.Tensor]:
-    """tiny_net trained on tiny_context's poisoned data (once per session). tiny_net's
-    weights are drawn from the global RNG before it seeds it, so that state is fixed here:
-    the result does not depend on which tests ran before."""
+    """tiny_net trained on tiny_context's poisoned data (once per session)."""
     ctx = tiny_context()
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = tiny_net()
+    model = tiny_net()
     ctx.train(model, ctx.images, ctx.labels)
     return {k: v.clone() for k, v in model.state_dict().items()}
 

@@ -122,24 +122,26 @@ class Refool(Attack):
             return images.clone()
         # the drawn reflections only (each distinct one resized once), in linear light
         drawn, which = pick.unique(return_inverse=True)
-        bank = ((fit_images(self._bank[drawn], channels, height, width) / 255) ** GAMMA)[which]
-        layer = torch.empty_like(bank)
-        # focal blur: Bh(sigma) @ r @ Bw(sigma)^T with each row's sigma level
+        base = (fit_images(self._bank[drawn], channels, height, width) / 255) ** GAMMA
+        layer = torch.empty(n, channels, height, width)
+        # focal blur Bh(sigma) @ r @ Bw(sigma)^T, once per distinct (reflection, sigma) drawn
         focal = (~is_ghost).nonzero().flatten()
-        sigmas = torch.linspace(*self.sigma_range, SIGMA_LEVELS)
-        rows = gaussian_blur_matrices(sigmas, height)[level[focal]][:, None]
-        cols = gaussian_blur_matrices(sigmas, width)[level[focal]][:, None].transpose(-1, -2)
-        layer[focal] = rows @ bank[focal] @ cols
-        # ghost: w r + (1 - w) r shifted by (dy, dx) in 1..steps (edge-replicated);
-        # shift k = (dy - 1) * steps + (dx - 1)
-        source = bank[ghost]
+        pairs, pair_of = (which[focal] * SIGMA_LEVELS + level[focal]).unique(return_inverse=True)
+        sigmas = torch.linspace(*self.sigma_range, SIGMA_LEVELS)[pairs % SIGMA_LEVELS]
+        rows = gaussian_blur_matrices(sigmas, height)[:, None]
+        cols = gaussian_blur_matrices(sigmas, width)[:, None].transpose(-1, -2)
+        layer[focal] = (rows @ base[pairs // SIGMA_LEVELS] @ cols)[pair_of]
+        # ghost: w r + (1 - w) r shifted by (dy, dx) in 1..steps (edge-replicated), the shift
+        # once per distinct (reflection, shift) drawn; shift k = (dy - 1) * steps + (dx - 1)
+        pairs, pair_of = (which[ghost] * steps * steps + shift).unique(return_inverse=True)
+        source, shift = base[pairs // (steps * steps)], pairs % (steps * steps)
         dy, dx = shift // steps + 1, shift % steps + 1
-        row_index = (torch.arange(height)[None] - dy[:, None]).clamp(0, height - 1)  # (G, H)
-        col_index = (torch.arange(width)[None] - dx[:, None]).clamp(0, width - 1)  # (G, W)
+        row_index = (torch.arange(height)[None] - dy[:, None]).clamp(0, height - 1)  # (P, H)
+        col_index = (torch.arange(width)[None] - dx[:, None]).clamp(0, width - 1)  # (P, W)
         shifted = source.gather(2, row_index[:, None, :, None].expand_as(source))
         shifted = shifted.gather(3, col_index[:, None, None, :].expand_as(source))
         w = weight[:, None, None, None]
-        layer[ghost] = w * source + (1 - w) * shifted
+        layer[ghost] = w * base[which[ghost]] + (1 - w) * shifted[pair_of]
         mixed = images.to(torch.float32).div_(255).pow_(GAMMA).mul_(1 - self.alpha)
         mixed.add_(layer.to(images.device), alpha=self.alpha).clamp_(0, 1).pow_(1 / GAMMA).mul_(255)
         return to_uint8(mixed)

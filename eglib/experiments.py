@@ -276,12 +276,6 @@ def _loadable_record(cfg: ExperimentConfig) -> dict[str, Any] | None:
     return cached_record(cfg) if (run_dir(cfg) / MODEL_FILE).exists() else None
 
 
-def is_loadable(cfg: ExperimentConfig) -> bool:
-    """Whether the cache holds `cfg`'s current run with its model, so loading it trains
-    nothing (a record copied without model.pt is cached, not loadable)."""
-    return _loadable_record(cfg) is not None
-
-
 def is_cached(cfg: ExperimentConfig) -> bool:
     """Whether the cache holds the current finished run of `cfg` (see `cached_record`)."""
     return cached_record(cfg) is not None

@@ -387,14 +387,20 @@ def test_defence_table_cached_only_trains_nothing_and_counts_seeds(
     plt.close("all")
 
 
-def test_cached_only_never_trains_to_score_detection(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A record copied without its model (model.pt) is tabulated; scoring its detectors
-    would retrain it, so cached_only leaves its detection out and says so."""
+@pytest.mark.parametrize("with_model", [False, True])
+def test_cached_only_never_trains_or_scores_for_detection(
+    with_model: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cached_only reads cached detection reports only: scoring a record copied without its
+    model (model.pt) would retrain it, and scoring a full-profile model takes minutes; the
+    unscored runs are listed."""
     monkeypatch.setattr(runs, "run_grid", _fake_grid([]))
     real_reports = defence_table.detector_reports
     monkeypatch.setattr(defence_table, "detector_reports", _fake_reports([]))
     defence_table.run("ci", progress=False, seeds=[0], defenses=["none"], detection=False)
     monkeypatch.setattr(defence_table, "detector_reports", real_reports)
+    if with_model:
+        (run_dir(defence_table.table_config("ci", "badnets", "none", 0)) / "model.pt").touch()
 
     def no_training(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("cached_only trained a run")

@@ -27,7 +27,6 @@ from eglib.defenses.detection import detection_table, evaluate_detectors
 from eglib.experiments import (
     ExperimentConfig,
     is_cached,
-    is_loadable,
     record_row,
     run_dir,
     run_experiment,
@@ -198,8 +197,9 @@ def detector_reports(
 ) -> list[dict[str, Any]]:
     """Each detector's report (`evaluate_detectors`: AUROC, tpr, fpr, counts, its `info`) on
     the trained undefended model of `cfg` and its own poisoned training set, plus attack,
-    poison_rate, seed and target. Trains `cfg` if the cache lacks it (`cached_only`: returns
-    no reports instead, where the cache holds no current reports and no model to score);
+    poison_rate, seed and target. Trains `cfg` if the cache lacks it (`cached_only`: reads
+    the cached reports only, and returns none where the cache holds no current ones: scoring
+    a full-profile run takes minutes, and a record copied without its model would retrain);
     the reports are cached next to the run (`DETECTION_FILE`) and recomputed when the
     detectors or any of their parameters (their current defaults) differ."""
     if cfg.defense != "none" or cfg.attack is None:
@@ -213,7 +213,7 @@ def detector_reports(
         cached = read_json(path)
         if cached.get("detectors") == chosen:
             return list(cached["records"])
-    if cached_only and not is_loadable(cfg):
+    if cached_only:
         return []
     result = run_experiment(cfg, progress=False)
     data = result.data
@@ -367,8 +367,9 @@ def run(
     grid's detection attacks at every detection rate (`--attacks lf` trains no BadNets run
     at 1 %); `detection=False` skips the extra trainings at 1 and 5 % (and
     with no 'none' among the defences, no run is scored). `cached_only=True` trains
-    nothing: the table holds the grid's runs the cache has (each row's `n` says how many
-    seeds), and a grid with none cached is a ValueError.
+    nothing and scores nothing: the table holds the grid's runs the cache has (each row's `n`
+    says how many seeds) and the detection reports it has (the others are listed in the
+    notes' `detection_not_scored`), and a grid with none cached is a ValueError.
     """
     prof = get_profile(profile)
     grid = GRIDS[prof.name]

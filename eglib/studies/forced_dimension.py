@@ -102,8 +102,7 @@ def is_identity_point(k: int, variant: str, tail_scale: float) -> bool:
     """Whether the grid point's guard maps every batch to itself (`eglib.guard.identity_reason`:
     'kth' or 'mean' at k = 1, or 'damp 1', with tail 1.0). EigenGuard refuses such a guard,
     and the study's undefended run (k = 0) is that model already."""
-    params = variant_params(variant)
-    return is_identity_filter(k, params["rule"], params.get("top_scale", 0.1), float(tail_scale))
+    return is_identity_filter(k, **variant_params(variant), tail_scale=float(tail_scale))
 
 
 def _factorial(grid: ForcedGrid) -> list[tuple[int, str, float]]:

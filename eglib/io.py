@@ -90,6 +90,15 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha256 (16 hex chars) of the shapes and bytes of uint8 images and int labels."""
+    digest = hashlib.sha256()
+    for tensor in (images, labels):
+        digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     """The CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows of it."""
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 
 from eglib.config import default_device, exact_torch_threads
 from eglib.data import augment, iterate_batches, to_float
-from eglib.io import config_hash, load_state, save_state_atomic
+from eglib.io import config_hash, data_fingerprint, load_state, save_state_atomic
 from eglib.models.base import StagedNet
 from eglib.params import check_bool, check_float, check_int
 
@@ -162,8 +163,9 @@ def train_model(
     `min_train_batch(model)` is dropped each epoch. Shuffling, augmentation and any randomness
     inside the model (dropout) come from `seed` only; the caller's global RNG state is left
     untouched. With `checkpoint_path`, an existing checkpoint of the same run (same settings,
-    seed and N) is resumed, with the thread count its epochs were trained with (the caller's
-    count is restored on return); a different run's raises ValueError. Bit-identical results
+    seed, images and labels) is resumed, with the thread count its epochs were trained with
+    (the caller's count is restored on return); a different run's raises ValueError (one
+    written before checkpoints recorded their data resumes with a warning). Bit-identical results
     need the same torch version, device and thread count. `amp` applies on CUDA only.
     """
     _check_data(model, images, labels)
@@ -188,6 +190,8 @@ def train_model(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(total_steps))
     generator = torch.Generator().manual_seed(seed)
     fingerprint = _run_fingerprint(settings, seed, n)
+    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    data = data_fingerprint(images, labels) if ckpt is not None else ""
     history: list[dict[str, Any]] = []
     pad = settings.pad if settings.pad is not None else default_pad(images.shape[-1])
 
@@ -202,9 +206,8 @@ def train_model(
     with ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=rng_devices, device_type=dev.type))
         torch.manual_seed(seed)
-        ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
         if ckpt is not None and ckpt.exists():
-            history = _resume(ckpt, fingerprint, model, optimizer, scheduler, generator, dev)
+            history = _resume(ckpt, fingerprint, data, model, optimizer, scheduler, generator, dev)
         threads = int(history[-1].get("threads", 0)) if history else 0
         stack.enter_context(exact_torch_threads(threads or torch.get_num_threads()))
         data_x, data_y = images.to(dev), labels.to(dev)
@@ -249,7 +252,9 @@ def train_model(
             bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()})
             bar.close()
             if ckpt is not None:
-                _save_checkpoint(ckpt, fingerprint, model, optimizer, scheduler, generator, history)
+                _save_checkpoint(
+                    ckpt, fingerprint, data, model, optimizer, scheduler, generator, history
+                )
     model.eval()
     return history
 
@@ -299,6 +304,7 @@ def _train_epoch(
 def _save_checkpoint(
     path: Path,
     fingerprint: str,
+    data: str,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -308,6 +314,7 @@ def _save_checkpoint(
     """Write the state after the last epoch of `history` (tensors and plain data only)."""
     state: dict[str, Any] = {
         "fingerprint": fingerprint,
+        "data": data,
         "epoch": len(history),
         "history": json.dumps(history),
         "model": model.state_dict(),
@@ -324,6 +331,7 @@ def _save_checkpoint(
 def _resume(
     path: Path,
     fingerprint: str,
+    data: str,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -336,6 +344,16 @@ def _resume(
         raise ValueError(
             f"checkpoint {path} belongs to another run (settings, seed or data size differ: "
             f"{state.get('fingerprint')!r} != {fingerprint!r}); delete it or pass another path"
+        )
+    if "data" not in state:  # written before checkpoints recorded their data
+        warnings.warn(
+            f"checkpoint {path} does not record its training data; resuming it unchecked",
+            stacklevel=3,
+        )
+    elif state["data"] != data:
+        raise ValueError(
+            f"checkpoint {path} was trained on other images or labels (data digest "
+            f"{state['data']!r} != {data!r}); delete it or pass another path"
         )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])  # casts its tensors to the params' device

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from eglib.guard import insert_guard
-from eglib.io import load_state
+from eglib.io import load_state, save_state_atomic
 from eglib.models import make_model
 from eglib.models.base import StagedNet, StageInfo
 from eglib.train import TrainSettings, default_pad, min_train_batch, train_model
@@ -323,6 +323,51 @@ def test_checkpoint_resume_matches_uninterrupted_run(tmp_path: Path, guard_k: in
             progress=False,
             checkpoint_path=ckpt,
         )
+
+
+def test_checkpoint_of_other_data_of_the_same_size_is_refused(tmp_path: Path) -> None:
+    images, labels = _halves(64)
+    settings = TrainSettings(epochs=2, batch_size=32)
+    ckpt = tmp_path / "ckpt.pt"
+
+    def train(x: torch.Tensor, y: torch.Tensor) -> list[dict]:
+        return train_model(
+            _model(), x, y, settings, seed=5, device="cpu", progress=False, checkpoint_path=ckpt
+        )
+
+    with pytest.raises(KeyboardInterrupt):
+        train_model(
+            _model(),
+            images,
+            labels,
+            settings,
+            seed=5,
+            device="cpu",
+            progress=False,
+            checkpoint_path=ckpt,
+            callbacks=[_Probe(fail_at=2)],
+        )
+    other_images, other_labels = _halves(64, seed=1)  # same N, other samples
+    with pytest.raises(ValueError, match="other images or labels"):
+        train(other_images, labels)
+    with pytest.raises(ValueError, match="other images or labels"):
+        train(images, 1 - labels)
+    assert len(train(images, labels)) == 2  # its own data still resumes
+
+
+def test_checkpoint_without_a_data_record_resumes_with_a_warning(tmp_path: Path) -> None:
+    images, labels = _halves(64)
+    settings = TrainSettings(epochs=2, batch_size=32)
+    ckpt = tmp_path / "ckpt.pt"
+    kwargs = dict(seed=5, device="cpu", progress=False, checkpoint_path=ckpt)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(_model(), images, labels, settings, callbacks=[_Probe(fail_at=2)], **kwargs)
+    state = load_state(ckpt)
+    del state["data"]  # as the checkpoints written before data digests
+    save_state_atomic(ckpt, state)
+    with pytest.warns(UserWarning, match="does not record its training data"):
+        history = train_model(_model(), images, labels, settings, **kwargs)
+    assert [row["epoch"] for row in history] == [1, 2]
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ workers of a sweep) wait for one of them to train it instead of each training it
 
 from __future__ import annotations
 
-import hashlib
 from abc import abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from torch import nn
 
 from eglib.config import cache_dir
 from eglib.data import take_subset
-from eglib.io import config_hash, load_state, save_state_atomic
+from eglib.io import config_hash, data_fingerprint, load_state, save_state_atomic
 from eglib.params import check_bool
 from eglib.poison.base import Attack
 from eglib.poison.ops import check_images
@@ -44,15 +43,6 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
-    """sha256 (16 hex chars) of the shapes and bytes of uint8 images and int labels."""
-    digest = hashlib.sha256()
-    for tensor in (images, labels):
-        digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
-        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def check_labelled(images: torch.Tensor, labels: torch.Tensor) -> None:

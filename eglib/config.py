@@ -60,6 +60,13 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, where the OS has one), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def cache_dir() -> Path:
     """Folder for cached models, data and results: EGLIB_CACHE, else ~/.cache/eglib."""
     root = os.environ.get(CACHE_ENV)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import os
 import signal
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,6 +18,7 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
+from eglib.config import usable_cpus
 from eglib.experiments import (
     ExperimentConfig,
     check_config,
@@ -189,7 +189,7 @@ def run_grid(
             check_config(cfg)
         except ValueError as error:
             raise ValueError(f"run {i} of the grid ({_describe(cfg)}): {error}") from error
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, usable_cpus() // jobs)
     label = label or f"sweep ({sum(map(is_cached, configs))} cached)"
     rows: list[dict[str, Any] | None] = [None] * len(configs)
     bar = tqdm(total=len(configs), desc=label, disable=not progress)

@@ -11,6 +11,7 @@ from eglib.config import (
     exact_torch_threads,
     get_profile,
     torch_threads,
+    usable_cpus,
 )
 
 
@@ -26,6 +27,18 @@ def test_device_and_cache_overrides(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("EGLIB_CACHE", str(tmp_path / "c"))
     assert default_device() == torch.device("cpu")
     assert cache_dir() == tmp_path / "c" and cache_dir().is_dir()
+
+
+def test_usable_cpus_are_the_affinity_not_the_machine(monkeypatch) -> None:
+    """Workers and threads were counted from os.cpu_count(), all the machine's CPUs, though
+    a container or `taskset` may give the process fewer."""
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 3}, raising=False)
+    assert usable_cpus() == 2
+    monkeypatch.delattr("os.sched_getaffinity", raising=False)  # macOS, Windows
+    assert usable_cpus() == 64
+    monkeypatch.setattr("os.cpu_count", lambda: None)
+    assert usable_cpus() == 1
 
 
 def test_torch_threads_limits_and_restores() -> None:

@@ -410,6 +410,18 @@ def _record_of(cfg: ExperimentConfig) -> dict:
     return {"config": cfg.to_dict(), "key": cfg.key(), "metrics": metrics, "timings": timings}
 
 
+def test_default_jobs_count_the_cpus_this_process_may_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One worker per CPU of os.cpu_count(): 64 workers on a 64-core machine that gives the
+    process 3 (a container or `taskset`)."""
+    monkeypatch.setenv("EGLIB_DEVICE", "cpu")
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert runs.default_jobs(100) == 3
+    assert runs.default_jobs(2) == 2
+
+
 def test_run_records_labels_its_bar_with_the_cached_count(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

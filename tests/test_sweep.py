@@ -258,6 +258,9 @@ def test_run_grid_two_processes_rows_in_config_order(
 ) -> None:
     monkeypatch.setenv("EGLIB_CACHE", str(tmp_path))  # workers inherit it
     monkeypatch.setattr(sweep, "_run_one", _fake_run_one)
+    # threads per worker: the CPUs this process may use (4), not the machine's, over the jobs
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     configs = sweep.expand_grid({"attack": "badnets"}, {"seed": [0, 1, 2, 3, 4, 5]}, "ci")
     for cfg in configs[:2]:  # two runs already in the cache
         run_dir(cfg).mkdir(parents=True)
@@ -266,7 +269,7 @@ def test_run_grid_two_processes_rows_in_config_order(
     assert [r["seed"] for r in rows] == [0, 1, 2, 3, 4, 5]  # config order, not finish order
     pids = {r["pid"] for r in rows}
     assert os.getpid() not in pids and 1 <= len(pids) <= 2  # in worker processes
-    assert {r["threads"] for r in rows} == {max(1, (os.cpu_count() or 1) // 2)}
+    assert {r["threads"] for r in rows} == {2}
     assert "2 cached" in capsys.readouterr().err  # the progress bar counts cached runs
 
 

@@ -5,12 +5,11 @@ std tables (`summarise`)."""
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from eglib.config import default_device
+from eglib.config import default_device, usable_cpus
 from eglib.experiments import RECORD_FILE, ExperimentConfig, is_cached, run_dir
 from eglib.io import read_json
 from eglib.plots import PROTOCOLS
@@ -21,10 +20,10 @@ METRIC_COLUMNS: tuple[str, ...] = tuple(f"{m}_{p}" for p in PROTOCOLS for m in (
 
 
 def default_jobs(n_runs: int) -> int:
-    """Worker processes for `n_runs` runs: 1 on a GPU, else one per CPU core (at most n_runs)."""
+    """Worker processes for `n_runs` runs: 1 on a GPU, else one per usable CPU (at most n_runs)."""
     if default_device().type == "cuda":
         return 1
-    return max(1, min(n_runs, os.cpu_count() or 1))
+    return max(1, min(n_runs, usable_cpus()))
 
 
 def run_records(

@@ -53,11 +53,35 @@ def get_profile(name: str | None = None) -> Profile:
 
 
 def default_device() -> torch.device:
-    """The device runs use: EGLIB_DEVICE if set, else cuda when available, else cpu."""
+    """The device runs use: EGLIB_DEVICE if set (checked), else cuda when available, else cpu."""
     wanted = os.environ.get(DEVICE_ENV)
     if wanted:
-        return torch.device(wanted)
+        return _checked_device(wanted)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _checked_device(wanted: str) -> torch.device:
+    """The device EGLIB_DEVICE names; ValueError naming it and the devices this torch has."""
+    mps = torch.backends.mps.is_available()
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    allowed = ", ".join(
+        ["cpu", *(["cuda", f"cuda:N (N < {cuda})"] if cuda else []), *(["mps"] if mps else [])]
+    )
+    where = f"{DEVICE_ENV}={wanted!r}"
+    try:
+        device = torch.device(wanted)
+    except RuntimeError:
+        raise ValueError(f"{where} is not a device; allowed: {allowed}") from None
+    if device.type == "cuda" and not cuda:
+        why = "no GPU is visible" if torch.version.cuda else "this torch is built without CUDA"
+        raise ValueError(f"{where}: CUDA is not available ({why}); allowed: {allowed}")
+    if device.type == "cuda" and device.index is not None and device.index >= cuda:
+        raise ValueError(f"{where}: there are {cuda} CUDA device(s); allowed: {allowed}")
+    if device.type == "mps" and not mps:
+        raise ValueError(f"{where}: MPS is not available in this torch; allowed: {allowed}")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{where}: runs do not support {device.type!r}; allowed: {allowed}")
+    return device
 
 
 def usable_cpus() -> int:

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from eglib.config import usable_cpus
+from eglib.config import default_device, usable_cpus
 from eglib.experiments import (
     ExperimentConfig,
     check_config,
@@ -189,6 +189,7 @@ def run_grid(
             check_config(cfg)
         except ValueError as error:
             raise ValueError(f"run {i} of the grid ({_describe(cfg)}): {error}") from error
+    default_device()  # a bad EGLIB_DEVICE fails here, not in every worker
     threads = max(1, usable_cpus() // jobs)
     label = label or f"sweep ({sum(map(is_cached, configs))} cached)"
     rows: list[dict[str, Any] | None] = [None] * len(configs)

@@ -29,6 +29,38 @@ def test_device_and_cache_overrides(monkeypatch, tmp_path) -> None:
     assert cache_dir() == tmp_path / "c" and cache_dir().is_dir()
 
 
+def test_a_device_this_torch_lacks_is_a_value_error(monkeypatch) -> None:
+    """EGLIB_DEVICE=gpu was a RuntimeError, `cuda` on a CPU-only torch an AssertionError
+    deep in the first run."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for wanted, message in (
+        ("gpu", "EGLIB_DEVICE='gpu' is not a device; allowed: cpu$"),
+        ("cuda", r"EGLIB_DEVICE='cuda': CUDA is not available \(.*\); allowed: cpu$"),
+        ("cuda:0", r"EGLIB_DEVICE='cuda:0': CUDA is not available"),
+        ("mps", "EGLIB_DEVICE='mps': MPS is not available in this torch; allowed: cpu$"),
+        ("meta", "EGLIB_DEVICE='meta': runs do not support 'meta'; allowed: cpu$"),
+    ):
+        monkeypatch.setenv("EGLIB_DEVICE", wanted)
+        with pytest.raises(ValueError, match=message):
+            default_device()
+    monkeypatch.setenv("EGLIB_DEVICE", "cpu:0")
+    assert default_device() == torch.device("cpu:0")
+
+
+def test_cuda_devices_are_checked_against_the_visible_ones(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for wanted in ("cuda", "cuda:1"):
+        monkeypatch.setenv("EGLIB_DEVICE", wanted)
+        assert default_device() == torch.device(wanted)
+    monkeypatch.setenv("EGLIB_DEVICE", "cuda:2")
+    with pytest.raises(
+        ValueError, match=r"'cuda:2': there are 2 CUDA device\(s\); allowed: cpu, cuda"
+    ):
+        default_device()
+
+
 def test_usable_cpus_are_the_affinity_not_the_machine(monkeypatch) -> None:
     """Workers and threads were counted from os.cpu_count(), all the machine's CPUs, though
     a container or `taskset` may give the process fewer."""

@@ -171,7 +171,7 @@ def test_tables_for_reading() -> None:
     findings = ablations.eval_mode_findings(eval_rows)
     assert "batch: undefined at evaluation batch size(s) [1]." in findings
     assert any(f.startswith("running: ACC") and "spread 0.0 points" in f for f in findings)
-    with pytest.raises(KeyError, match="unknown ablation"):
+    with pytest.raises(ValueError, match="unknown ablation 'colour'; allowed: "):
         ablations.ablation_table(eval_rows, "colour")
 
 
@@ -501,12 +501,12 @@ def test_ablation_figures_one_per_sub_ablation() -> None:
     assert labels[0] == UNDEFENDED and len(labels) == 3
     for fig in figs.values():
         plt.close(fig)
-    with pytest.raises(KeyError, match="unknown ablation"):
+    with pytest.raises(ValueError, match="unknown ablation 'colour'; allowed: "):
         ablations.ablation_figure("colour", rows)
 
 
 def test_studies_are_registered() -> None:
     assert STUDIES["forced_dimension"] is forced_dimension
     assert STUDIES["ablations"] is ablations
-    with pytest.raises(KeyError, match="unknown ablation"):
+    with pytest.raises(ValueError, match="unknown ablation 'colour'; allowed: "):
         ablations.run("ci", ablations=["colour"])

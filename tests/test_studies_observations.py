@@ -282,7 +282,7 @@ def test_make_figures_writes_png_csv_json(monkeypatch: pytest.MonkeyPatch, tmp_p
     )
     assert meta["profile"] == "ci" and meta["seeds"] == [0]
     assert meta["notes"]["rows_per_group"] == 40
-    with pytest.raises(KeyError, match="unknown study 'nope'"):
+    with pytest.raises(ValueError, match="unknown study 'nope'; allowed: "):
         make_figures("ci", tmp_path, only=["nope"])
     assert {"rank_vs_asr", "spectra"} <= set(studies.STUDIES)
 
@@ -355,6 +355,32 @@ def test_make_figures_passes_subset_options_and_records_the_command(
         make_figures("ci", tmp_path, only=["subset"], options={"seeds": (0,)})
     with pytest.raises(ValueError, match="need exactly one study"):
         make_figures("ci", tmp_path, only=["subset", "spectra"], options={"attacks": ("a",)})
+
+
+def test_make_figures_says_which_option_is_wrong(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`--only defence_table --only ablations --seeds 0` said "'defence_table' takes []",
+    though it takes seeds: the trouble was the second study."""
+    with pytest.raises(ValueError, match="got 2 studies: defence_table, ablations$"):
+        make_figures("ci", tmp_path, only=["defence_table", "ablations"], options={"seeds": (0,)})
+    with pytest.raises(ValueError, match=f"got {len(studies.STUDIES)} studies: "):  # every one
+        make_figures("ci", tmp_path, options={"seeds": (0,)})
+    monkeypatch.setitem(studies.STUDIES, "subset", _fake_subset_study())
+    with pytest.raises(
+        ValueError,
+        match=r"'subset' does not take \['seeds'\] \(it takes \['attacks', 'cached_only', "
+        r"'detection', 'grid'\]\)$",
+    ):
+        make_figures("ci", tmp_path, only=["subset"], options={"seeds": (0,), "grid": "lite"})
+    with pytest.raises(
+        ValueError, match=r"'spectra' does not take \['seeds'\] \(it takes \['attacks'\]"
+    ):
+        make_figures("ci", tmp_path, only=["spectra"], options={"seeds": (0,)})
+    bare = SimpleNamespace(run=lambda profile=None, *, progress=True: None, figures=dict)
+    monkeypatch.setitem(studies.STUDIES, "bare", bare)
+    with pytest.raises(ValueError, match=r"'bare' does not take \['seeds'\] \(it takes none\)"):
+        make_figures("ci", tmp_path, only=["bare"], options={"seeds": (0,)})
 
 
 def test_cli_figures_parses_the_subset(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

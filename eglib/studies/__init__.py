@@ -148,15 +148,17 @@ def make_figures(
     names = list(STUDIES) if not only else list(dict.fromkeys(only))
     unknown = [n for n in names if n not in STUDIES]
     if unknown:
-        raise KeyError(f"unknown study {unknown[0]!r}; allowed: {sorted(STUDIES)}")
+        raise ValueError(f"unknown study {unknown[0]!r}; allowed: {sorted(STUDIES)}")
     options = dict(options or {})
     if options:
-        accepted = _run_options(names[0]) if len(names) == 1 else set()
-        if len(names) != 1 or not set(options) <= accepted:
-            raise ValueError(
-                f"options {sorted(options)} need exactly one study that takes them "
-                f"(got {names}; {names[0]!r} takes {sorted(accepted)})"
-            )
+        need = f"options {sorted(options)} need exactly one study that takes them"
+        if len(names) != 1:
+            raise ValueError(f"{need}; got {len(names)} studies: {', '.join(names)}")
+        accepted = _run_options(names[0])
+        refused = sorted(set(options) - accepted)
+        if refused:
+            takes = f"it takes {sorted(accepted)}" if accepted else "it takes none"
+            raise ValueError(f"{need}; {names[0]!r} does not take {refused} ({takes})")
     prof = get_profile(profile).name
     written: dict[str, list[Path]] = {}
     if jobs is not None and jobs < 1:

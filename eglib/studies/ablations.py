@@ -358,7 +358,7 @@ def run(
     names = list(ABLATIONS) if ablations is None else list(dict.fromkeys(ablations))
     unknown = [n for n in names if n not in ABLATIONS]
     if unknown:
-        raise KeyError(f"unknown ablation {unknown[0]!r}; allowed: {list(ABLATIONS)}")
+        raise ValueError(f"unknown ablation {unknown[0]!r}; allowed: {list(ABLATIONS)}")
     configs = all_configs(prof.name, include_slow=include_slow, seeds=seeds)
     if cached_only:
         configs = _cached_only(configs, names, prof.name)
@@ -432,7 +432,7 @@ BASELINE_AS_LINE = ("k", "tail")
 def ablation_figure(name: str, rows: Sequence[dict[str, Any]], profile: str = "") -> Figure:
     """The figure of one sub-ablation from its rows (ASR and ACC per protocol vs its factor)."""
     if name not in FIGURES:
-        raise KeyError(f"unknown ablation {name!r}; allowed: {list(FIGURES)}")
+        raise ValueError(f"unknown ablation {name!r}; allowed: {list(FIGURES)}")
     spec = dict(FIGURES[name])
     mine = [r for r in rows if r.get("ablation", name) == name]
     baseline: list[dict[str, Any]] = []
@@ -470,7 +470,7 @@ def ablation_table(rows: Sequence[dict[str, Any]], name: str) -> list[dict[str, 
     """One sub-ablation's table: mean +- std (%) of ACC and ASR under every protocol (the
     eval-mode one: of its single pass) per level of its factor (and hue)."""
     if name not in FIGURES:
-        raise KeyError(f"unknown ablation {name!r}; allowed: {list(FIGURES)}")
+        raise ValueError(f"unknown ablation {name!r}; allowed: {list(FIGURES)}")
     spec = FIGURES[name]
     by = [spec["param"], *([spec["hue"]] if "hue" in spec else [])]
     metrics = ("acc", "asr") if name == "eval_mode" else METRIC_COLUMNS

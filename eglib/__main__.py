@@ -9,20 +9,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from eglib.config import PROFILES  # torch-free: the parser stays quick
+
 FIGURES = Path("figures")
 
 
 PYTHON_CONSTANTS = {"True": True, "False": False, "None": None}  # as a Python user types them
 
 
-def _parse_params(pairs: Sequence[str]) -> dict[str, Any]:
+def _parse_params(pairs: Sequence[str], option: str = "parameter") -> dict[str, Any]:
     """`key=value` pairs; values parsed as JSON when they parse (numbers, true, null), or as
-    Python's True/False/None, else text."""
+    Python's True/False/None, else text. ValueError for a pair without a key or `=`, or a key
+    given twice (`option` names the flag in the message)."""
     params: dict[str, Any] = {}
     for pair in pairs:
-        if "=" not in pair:
-            raise SystemExit(f"bad parameter {pair!r}: expected key=value")
-        key, raw = pair.split("=", 1)
+        key, equals, raw = pair.partition("=")
+        if not equals or not key:
+            raise ValueError(f"{option} {pair!r}: expected KEY=VALUE, e.g. k=8")
+        if key in params:
+            raise ValueError(f"{option}: parameter {key!r} given twice; give each key once")
         try:
             params[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -62,10 +67,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         "dataset": args.dataset,
         "model": args.model,
         "attack": None if args.attack == "none" else args.attack,
-        "attack_params": _parse_params(args.attack_param),
+        "attack_params": _parse_params(args.attack_param, "--attack-param"),
         "poison_rate": args.rate,
         "defense": args.defense,
-        "defense_params": _parse_params(args.defense_param),
+        "defense_params": _parse_params(args.defense_param, "--defense-param"),
         "seed": args.seed,
         "augment": args.augment,
     }
@@ -165,6 +170,17 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected integers like 0,1,2") from None
 
 
+def _grid_file(text: str) -> str:
+    """The path of a grid file that exists."""
+    if not Path(text).is_file():
+        why = "is a folder" if Path(text).is_dir() else "does not exist"
+        raise argparse.ArgumentTypeError(f"grid file {text} {why}")
+    return text
+
+
+PROFILE_HELP = f"one of {', '.join(PROFILES)} (default: EGLIB_PROFILE, else full)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(prog="python -m eglib", description=__doc__)
@@ -184,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train-size", type=int)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--augment", action="store_true", help="random crop (+ flip) in training")
-    train.add_argument("--profile", help="ci, demo or full (default: EGLIB_PROFILE, else full)")
+    train.add_argument("--profile", help=PROFILE_HELP)
     train.add_argument("--no-cache", action="store_true")
     train.set_defaults(func=cmd_train)
 
@@ -197,13 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     gallery.set_defaults(func=cmd_gallery)
 
     sweep = sub.add_parser("sweep", help=cmd_sweep.__doc__)
-    sweep.add_argument("grid", help="a YAML or JSON grid file")
+    sweep.add_argument("grid", type=_grid_file, help="a YAML or JSON grid file")
     sweep.add_argument("--jobs", type=_positive_int, default=1, help="worker processes (>= 1)")
     sweep.add_argument("--out", default="sweep.csv")
     sweep.set_defaults(func=cmd_sweep)
 
     figures = sub.add_parser("figures", help=cmd_figures.__doc__)
-    figures.add_argument("--profile")
+    figures.add_argument("--profile", help=PROFILE_HELP)
     figures.add_argument("--only", action="append", help="a study name (repeatable)")
     figures.add_argument("--out", type=Path, default=FIGURES, help="folder (default figures/)")
     figures.add_argument(

@@ -7,8 +7,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI's parser reads PROFILES
+    import torch
 
 PROFILE_ENV = "EGLIB_PROFILE"
 DEVICE_ENV = "EGLIB_DEVICE"
@@ -54,6 +56,8 @@ def get_profile(name: str | None = None) -> Profile:
 
 def default_device() -> torch.device:
     """The device runs use: EGLIB_DEVICE if set (checked), else cuda when available, else cpu."""
+    import torch
+
     wanted = os.environ.get(DEVICE_ENV)
     if wanted:
         return _checked_device(wanted)
@@ -62,6 +66,8 @@ def default_device() -> torch.device:
 
 def _checked_device(wanted: str) -> torch.device:
     """The device EGLIB_DEVICE names; ValueError naming it and the devices this torch has."""
+    import torch
+
     mps = torch.backends.mps.is_available()
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     allowed = ", ".join(
@@ -106,6 +112,8 @@ def torch_threads(n: int) -> Iterator[None]:
     For latency-bound work (tiny batches, thousands of small ops): waking a thread pool costs
     more than it gains, and on a shared CPU a descheduled thread stalls every op.
     """
+    import torch
+
     with exact_torch_threads(min(n, torch.get_num_threads())):
         yield
 
@@ -117,6 +125,8 @@ def exact_torch_threads(n: int) -> Iterator[None]:
     The thread count changes the order of floating-point sums, so a run is bit-identical to
     another only at the same count (`eglib.train` resumes a checkpoint at its count).
     """
+    import torch
+
     if n < 1:
         raise ValueError(f"n={n}; must be >= 1")
     previous = torch.get_num_threads()

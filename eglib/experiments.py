@@ -24,21 +24,26 @@ from eglib.evaluate import accuracy, attack_success_rate, evaluate_protocols, gu
 from eglib.io import (
     config_hash,
     environment_info,
+    file_digest,
     load_state,
     read_json,
     save_state_atomic,
     write_json_atomic,
 )
 from eglib.models import MODELS, make_model
-from eglib.models.base import StagedNet
+from eglib.models.base import PENULTIMATE, StagedNet
 from eglib.params import check_bool, check_float, check_int
 from eglib.poison import PoisonedSet, TriggeredSet, backdoor_testset, make_attack, poison_dataset
 from eglib.registry import lookup
-from eglib.train import TrainSettings, train_model
+from eglib.train import CheckpointMismatchError, TrainSettings, train_model
 
 RECORD_VERSION = 1
 RECORD_FILE, MODEL_FILE = "record.json", "model.pt"  # a run folder's record and weights
 TRAIN_LOCK = "train.lock"  # held while a process loads or trains the run
+CHECKPOINT_FILE = "checkpoint.pt"  # the unfinished main training of the run
+# A record's digest of its weights file: tells one training of a run from a later retraining,
+# so what was computed from the earlier model (a repair, detection scores) is not served.
+MODEL_DIGEST = "model_digest"
 
 Params = tuple[tuple[str, Any], ...]
 
@@ -81,6 +86,13 @@ def _check_field_types(cfg: ExperimentConfig) -> None:
         raise ValueError(
             f"attack_params={dict(cfg.attack_params)!r} with attack=None: no attack takes them"
         )
+    for name in ("poison_rate", "target") if cfg.attack is None else ():
+        default = next(f.default for f in dataclasses.fields(cfg) if f.name == name)
+        if getattr(cfg, name) != default:  # else clean runs differing only here get two keys
+            raise ValueError(
+                f"{name}={getattr(cfg, name)!r} with attack=None: no attack uses it; leave it "
+                f"at its default ({default!r})"
+            )
     stages = cfg.track_stages
     if isinstance(stages, str) or not all(isinstance(x, str) and x for x in stages):
         raise ValueError(f"track_stages={stages!r}; must be a list of stage names (str)")
@@ -205,9 +217,9 @@ class ExperimentResult:
     data: ExperimentData = field(repr=False)
 
 
-def run_dir(cfg: ExperimentConfig) -> Path:
-    """The cache folder of a config's run."""
-    return egconfig.cache_dir() / "runs" / cfg.key()
+def run_dir(cfg: ExperimentConfig | str) -> Path:
+    """The cache folder of a config's run (or of the run with this key)."""
+    return egconfig.cache_dir() / "runs" / (cfg if isinstance(cfg, str) else cfg.key())
 
 
 def _changed(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
@@ -231,11 +243,17 @@ def stale_defense_params(cfg: ExperimentConfig, record: dict[str, Any]) -> dict[
     return _changed(record["defense"]["params"], current)
 
 
-@functools.lru_cache(maxsize=256)
+_RESOLVED_ATTACKS: dict[str, dict[str, Any]] = {}  # memo of _attack_params by config_hash
+
+
 def _attack_params(attack: str, params: Params, target: int, num_classes: int) -> dict[str, Any]:
-    """The resolved parameters of the attack a run builds, as its record holds them."""
-    built = make_attack(attack, target=target, num_classes=num_classes, **dict(params))
-    return json.loads(json.dumps(built.params()))
+    """The resolved parameters of the attack a run builds, as its record holds them (memoised
+    by value and type: a parameter given as 1, 1.0 and True is validated three times)."""
+    key = config_hash([attack, params, target, num_classes])
+    if key not in _RESOLVED_ATTACKS:
+        built = make_attack(attack, target=target, num_classes=num_classes, **dict(params))
+        _RESOLVED_ATTACKS[key] = json.loads(json.dumps(built.params()))
+    return dict(_RESOLVED_ATTACKS[key])
 
 
 def stale_attack_params(cfg: ExperimentConfig, record: dict[str, Any]) -> dict[str, Any]:
@@ -248,27 +266,63 @@ def stale_attack_params(cfg: ExperimentConfig, record: dict[str, Any]) -> dict[s
     return _changed(record["poison"]["params"], current)
 
 
+def _model_digest_of(key: str) -> str | None:
+    """The `MODEL_DIGEST` of the cached run with this key (None: no record, or a record
+    written before records held one)."""
+    path = run_dir(key) / RECORD_FILE
+    return read_json(path).get(MODEL_DIGEST) if path.exists() else None
+
+
+def stale_base_model(record: dict[str, Any]) -> str | None:
+    """The key of the undefended run a cached record started from (`poisoned_model_from`)
+    when that run has been retrained since (its model digest changed), else None."""
+    base = record.get("poisoned_model_from")
+    if base is None or not (run_dir(base) / RECORD_FILE).exists():
+        return None
+    return base if _model_digest_of(base) != record.get("poisoned_model_digest") else None
+
+
 def cached_record(cfg: ExperimentConfig) -> dict[str, Any] | None:
     """The cached record of `cfg`'s finished run (written after its model), or None when
-    there is none or it was trained under other defence or attack defaults
-    (`stale_defense_params`, `stale_attack_params`)."""
+    there is none, it was trained under other defence or attack defaults
+    (`stale_defense_params`, `stale_attack_params`), or it started from an undefended run
+    that has been retrained since (`stale_base_model`)."""
     path = run_dir(cfg) / RECORD_FILE
     if not path.exists():
         return None
     record = read_json(path)
-    for part, stale in (
-        ("defence", stale_defense_params(cfg, record)),
-        ("attack", stale_attack_params(cfg, record)),
-    ):
-        if stale:
-            warnings.warn(
-                f"cached run {cfg.key()} ({cfg.attack}, {cfg.defense}) was trained with other "
-                f"{part} parameters (recorded, current): {stale}; it is not used and will be "
-                "retrained",
-                stacklevel=2,
-            )
-            return None
+    defence, attack, base = (
+        stale_defense_params(cfg, record),
+        stale_attack_params(cfg, record),
+        stale_base_model(record),
+    )
+    reason = (
+        (defence and f"other defence parameters (recorded, current): {defence}")
+        or (attack and f"other attack parameters (recorded, current): {attack}")
+        or (base and f"the model of undefended run {base}, which was retrained since")
+    )
+    if reason:
+        warnings.warn(
+            f"cached run {cfg.key()} ({cfg.attack}, {cfg.defense}) was trained with {reason}; "
+            "it is not used and will be retrained",
+            stacklevel=2,
+        )
+        return None
     return record
+
+
+def derived_stamp(record: dict[str, Any]) -> dict[str, Any]:
+    """What a file computed from a run's model (detection scores, trigger ranks) stores, so
+    that `derived_is_current` can tell when the run was retrained since."""
+    return {MODEL_DIGEST: record.get(MODEL_DIGEST)}
+
+
+def derived_is_current(cfg: ExperimentConfig, stored: dict[str, Any]) -> bool:
+    """Whether `stored` (holding `derived_stamp`) was computed from the model of `cfg`'s
+    current cached run: False when the run is not cached or was retrained since. Files and
+    records written before records held a digest match each other (both None)."""
+    record = cached_record(cfg)
+    return record is not None and stored.get(MODEL_DIGEST) == record.get(MODEL_DIGEST)
 
 
 def _loadable_record(cfg: ExperimentConfig) -> dict[str, Any] | None:
@@ -281,11 +335,19 @@ def is_cached(cfg: ExperimentConfig) -> bool:
     return cached_record(cfg) is not None
 
 
+@functools.lru_cache(maxsize=32)
+def _model_skeleton(name: str, num_classes: int, in_channels: int) -> StagedNet:
+    """Model `name` built on the meta device (no weights): its stages and features."""
+    with torch.device("meta"):
+        return make_model(name, num_classes, in_channels)
+
+
 def check_config(cfg: ExperimentConfig) -> None:
     """ValueError for a config that cannot run, before any data is read or model trained: an
-    unknown data set, model, attack or defence, a target outside the data set's classes, or
-    a parameter the attack or defence does not take or refuses (each named, with what is
-    allowed)."""
+    unknown data set, model, attack or defence, a target outside the data set's classes, a
+    parameter the attack or defence does not take or refuses, a stage the model lacks
+    (`track_stages`, the defence's layers) or no clean reserve for a defence that needs one
+    (each named, with what is allowed)."""
     info = dataset_info(cfg.dataset)
     lookup(MODELS, "model", cfg.model)
     if not 0 <= cfg.target < info.num_classes:
@@ -294,7 +356,18 @@ def check_config(cfg: ExperimentConfig) -> None:
         )
     if cfg.attack is not None:
         _attack_params(cfg.attack, cfg.attack_params, cfg.target, info.num_classes)
-    recorded_params(cfg.defense, dict(cfg.defense_params))
+    defense = make_defense(cfg.defense, **dict(cfg.defense_params))
+    if defense.needs_clean_data and cfg.clean_reserve == 0:
+        raise ValueError(
+            f"clean_reserve=0 with defense={cfg.defense!r}, which needs clean data; "
+            "allowed: 0 < clean_reserve < 0.5"
+        )
+    model = _model_skeleton(cfg.model, info.num_classes, info.in_channels)
+    features = [*model.stages, PENULTIMATE]
+    unknown = [s for s in cfg.track_stages if s not in features]
+    if unknown:
+        raise ValueError(f"track_stages {unknown} not in {cfg.model}'s features {features}")
+    defense.check_model(model)
 
 
 def prepare_data(cfg: ExperimentConfig) -> ExperimentData:
@@ -440,18 +513,31 @@ def _build_context(
     ) -> list[dict[str, Any]]:
         # Only the first (main) training of a run checkpoints, so an interrupted run resumes.
         ckpt, first_run[0] = first_run[0], None
-        return train_model(
-            model,
-            images,
-            labels,
-            settings,
-            seed=cfg.seed,
-            device=device,
-            callbacks=[*callbacks_default, *callbacks],
-            progress=progress,
-            checkpoint_path=ckpt,
-            eval_fn=_epoch_metrics(data),
-        )
+
+        def train() -> list[dict[str, Any]]:
+            return train_model(
+                model,
+                images,
+                labels,
+                settings,
+                seed=cfg.seed,
+                device=device,
+                callbacks=[*callbacks_default, *callbacks],
+                progress=progress,
+                checkpoint_path=ckpt,
+                eval_fn=_epoch_metrics(data),
+            )
+
+        try:
+            return train()
+        except CheckpointMismatchError as error:
+            # The run's own checkpoint, from an attempt whose first training was another one
+            # (a data filter that trained its poisoned model, now taken from the cache) or
+            # saw other data (ABL isolating other samples): start this training afresh.
+            assert ckpt is not None  # only a checkpoint mismatches
+            warnings.warn(f"{error}; discarding it and training from the start", stacklevel=2)
+            ckpt.unlink()
+            return train()
 
     poison_idx = (
         data.poisoned.poison_idx if data.poisoned is not None else torch.empty(0, dtype=torch.long)
@@ -538,7 +624,7 @@ def _train_run(
         data,
         dev,
         progress,
-        checkpoint=folder / "checkpoint.pt" if cache else None,
+        checkpoint=folder / CHECKPOINT_FILE if cache else None,
         reuse=cache,
     )
     start = time.perf_counter()
@@ -555,6 +641,7 @@ def _train_run(
         "history": ctx.history,
         "defense": {"name": cfg.defense, "params": defense.params(), "info": outcome.info},
         "poisoned_model_from": ctx.reused,  # the cached undefended run it started from, if any
+        "poisoned_model_digest": None if ctx.reused is None else _model_digest_of(ctx.reused),
         "poison": None
         if data.poisoned is None
         else {
@@ -569,8 +656,9 @@ def _train_run(
     json.dumps(record)  # fails loudly here, not in the cache, if anything is not plain data
     if cache:
         save_state_atomic(folder / MODEL_FILE, model.state_dict())
+        record[MODEL_DIGEST] = file_digest(folder / MODEL_FILE)
         write_json_atomic(folder / RECORD_FILE, record)
-        (folder / "checkpoint.pt").unlink(missing_ok=True)
+        (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
     return ExperimentResult(cfg, record, model, data)
 
 

@@ -99,6 +99,15 @@ def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 (16 hex chars) of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     """The CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows of it."""
     try:

@@ -136,6 +136,10 @@ def _cosine(total_steps: int) -> Callable[[int], float]:
     return factor
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that belongs to another run (other settings, seed or training data)."""
+
+
 def _run_fingerprint(settings: TrainSettings, seed: int, n: int) -> str:
     """What a checkpoint must match to be resumed: settings, seed and data set size."""
     return config_hash({"settings": settings, "seed": seed, "n": n})
@@ -164,8 +168,9 @@ def train_model(
     inside the model (dropout) come from `seed` only; the caller's global RNG state is left
     untouched. With `checkpoint_path`, an existing checkpoint of the same run (same settings,
     seed, images and labels) is resumed, with the thread count its epochs were trained with
-    (the caller's count is restored on return); a different run's raises ValueError (one
-    written before checkpoints recorded their data resumes with a warning). Bit-identical results
+    (the caller's count is restored on return); a different run's raises
+    CheckpointMismatchError (one written before checkpoints recorded their data resumes with
+    a warning). Bit-identical results
     need the same torch version, device and thread count. `amp` applies on CUDA only.
     """
     _check_data(model, images, labels)
@@ -341,7 +346,7 @@ def _resume(
     """Load a checkpoint written by this run into the live objects; return its history."""
     state = load_state(path)
     if state.get("fingerprint") != fingerprint:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"checkpoint {path} belongs to another run (settings, seed or data size differ: "
             f"{state.get('fingerprint')!r} != {fingerprint!r}); delete it or pass another path"
         )
@@ -351,7 +356,7 @@ def _resume(
             stacklevel=3,
         )
     elif state["data"] != data:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"checkpoint {path} was trained on other images or labels (data digest "
             f"{state['data']!r} != {data!r}); delete it or pass another path"
         )

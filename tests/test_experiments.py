@@ -23,6 +23,7 @@ from eglib.experiments import (
     TRAIN_LOCK,
     ExperimentConfig,
     ExperimentResult,
+    check_config,
     is_cached,
     prepare_data,
     record_row,
@@ -32,9 +33,11 @@ from eglib.experiments import (
     stale_defense_params,
 )
 from eglib.guard import EigenGuard
-from eglib.io import write_json_atomic
+from eglib.io import file_digest, write_json_atomic
+from eglib.models import make_model
 from eglib.poison import make_attack
 from eglib.poison.badnets import BadNets
+from eglib.train import TrainSettings, train_model
 
 TINY: dict[str, Any] = dict(epochs=1, batch_size=32, train_size=None, test_size=None, lr=0.05)
 
@@ -194,9 +197,8 @@ def test_a_changed_attack_default_makes_a_record_stale(monkeypatch) -> None:
     record = {"poison": {"params": json.loads(json.dumps(attack.params()))}}
     assert stale_attack_params(cfg, record) == {}
     monkeypatch.setitem(BadNets.__init__.__kwdefaults__, "size", attack.size + 1)
-    experiments._attack_params.cache_clear()
+    monkeypatch.setattr(experiments, "_RESOLVED_ATTACKS", {})
     assert stale_attack_params(cfg, record) == {"size": (attack.size, attack.size + 1)}
-    experiments._attack_params.cache_clear()
 
 
 def _write_record_only(cfg: ExperimentConfig) -> BadNets:
@@ -221,10 +223,9 @@ def test_a_stale_cached_run_is_not_served_and_a_dropped_parameter_counts(
     attack = _write_record_only(cfg)
     assert is_cached(cfg)
     monkeypatch.setitem(BadNets.__init__.__kwdefaults__, "size", attack.size + 1)
-    experiments._attack_params.cache_clear()
+    monkeypatch.setattr(experiments, "_RESOLVED_ATTACKS", {})
     with pytest.warns(UserWarning, match="other attack parameters"):
         assert not is_cached(cfg)
-    experiments._attack_params.cache_clear()
     ft = cfg.replace(defense="ft")
     params = {**recorded_params("ft"), "dropped": 1}
     assert stale_defense_params(ft, {"defense": {"params": params}}) == {"dropped": (1, None)}
@@ -232,7 +233,6 @@ def test_a_stale_cached_run_is_not_served_and_a_dropped_parameter_counts(
     (run_dir(cfg) / "model.pt").write_bytes(b"not a state dict: must never be loaded")
     with pytest.warns(UserWarning, match="other attack parameters"):
         assert experiments.cached_undefended(ft) is None
-    experiments._attack_params.cache_clear()
 
 
 def test_a_record_without_its_model_is_tabulated_but_never_loaded(
@@ -394,3 +394,85 @@ def test_a_defence_waits_for_its_undefended_run_being_trained_elsewhere(
         base, tmp_path / "finished", lambda: run_experiment(ft, progress=False)
     ).record
     assert record["poisoned_model_from"] == base.key()
+
+
+def test_a_repair_of_an_undefended_run_retrained_since_is_not_served(
+    tiny_fashion, tmp_cache
+) -> None:
+    """FT's record names the undefended model it repaired by digest: once that run is
+    retrained (another digest), the repair is stale. Records from before digests still load."""
+    base = ExperimentConfig(clean_reserve=0.1, **TINY)
+    ft = base.replace(defense="ft", defense_params={"epochs": 1})
+    undefended = run_experiment(base, progress=False).record
+    repaired = run_experiment(ft, progress=False).record
+    assert undefended["model_digest"] == file_digest(run_dir(base) / "model.pt")
+    assert repaired["poisoned_model_digest"] == undefended["model_digest"]
+    assert is_cached(ft)
+    write_json_atomic(run_dir(base) / "record.json", {**undefended, "model_digest": "f" * 16})
+    with pytest.warns(UserWarning, match=f"undefended run {base.key()}, which was retrained"):
+        assert not is_cached(ft)
+    legacy = {k: v for k, v in undefended.items() if k != "model_digest"}
+    write_json_atomic(run_dir(base) / "record.json", legacy)
+    old_ft = {k: v for k, v in repaired.items() if k != "poisoned_model_digest"}
+    write_json_atomic(run_dir(ft) / "record.json", old_ft)
+    assert is_cached(ft)
+
+
+def test_a_checkpoint_left_by_another_phase_is_discarded_not_fatal(tiny_fashion, tmp_cache) -> None:
+    """A data filter's first attempt checkpointed its poisoned-model training; once the
+    undefended run is cached, the first training of the retry is the retrain on the kept
+    data, which must not die on (or resume) the other phase's checkpoint."""
+    base = ExperimentConfig(**TINY)
+    ss = base.replace(defense="ss")
+    folder = run_dir(ss)
+    folder.mkdir(parents=True)
+
+    class Stop:
+        def on_epoch_end(self, model, epoch, row) -> None:
+            if epoch == 2:  # after epoch 1 was checkpointed
+                raise KeyboardInterrupt
+
+    data = prepare_data(base)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(
+            make_model("cnn-small", 10, 1),
+            data.train_images,
+            data.train_labels,
+            TrainSettings(epochs=3, batch_size=32),
+            seed=0,
+            progress=False,
+            checkpoint_path=folder / "checkpoint.pt",
+            callbacks=[Stop()],
+        )
+    run_experiment(base, progress=False)
+    with pytest.warns(UserWarning, match="discarding it and training from the start"):
+        record = run_experiment(ss, progress=False).record
+    assert record["poisoned_model_from"] == base.key()
+    assert not (folder / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"defense": "eigenguard", "defense_params": {"at": "layer9", "k": 4}}, "at=.layer9."),
+        ({"track_stages": ("layer9",)}, r"track_stages \['layer9'\]"),
+        ({"defense": "ss", "defense_params": {"layer": "layer9"}}, "layer='layer9'"),
+        ({"defense": "nad", "defense_params": {"layers": ["stem", "x", "y"]}}, "layers="),
+        ({"defense": "ft", "clean_reserve": 0.0}, "clean_reserve=0 with defense='ft'"),
+        ({"attack": None, "poison_rate": 0.05}, "poison_rate=0.05 with attack=None"),
+        ({"attack": None, "target": 3}, "target=3 with attack=None"),
+    ],
+)
+def test_check_config_refuses_what_would_fail_after_loading_or_training(
+    change: dict, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        check_config(ExperimentConfig(**{**TINY, **change}))
+
+
+def test_check_config_tells_a_bool_from_an_int_after_seeing_the_int() -> None:
+    """The memo of checked attack parameters keyed True and 1 alike (a Python dict does), so
+    size=True passed once size=1 had been checked."""
+    check_config(ExperimentConfig(attack_params={"size": 1}, **TINY))
+    with pytest.raises(ValueError, match="size=True"):
+        check_config(ExperimentConfig(attack_params={"size": True}, **TINY))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import matplotlib
@@ -278,6 +279,34 @@ def test_scoring_the_undefended_run_is_the_filtering_defences_detection(
     assert defence_table.detector_reports(none, ["ss"])[0]["auroc"] == scored["auroc"]  # redone
 
 
+def test_detection_reports_of_a_since_retrained_run_are_scored_again(
+    tiny_fashion: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reports live in the run's folder: a retrained run (a new model digest) must not be
+    served its predecessor's scores; reports and records from before digests still match."""
+    monkeypatch.setitem(PROFILES, "tiny", Profile("tiny", 300, 100, 1, 32, (0,)))
+    none = defence_table.table_config("tiny", "badnets", "none")
+    (scored,) = defence_table.detector_reports(none, ["ss"])
+    path, record_path = run_dir(none) / defence_table.DETECTION_FILE, run_dir(none) / "record.json"
+    assert read_json(path)["model_digest"] == read_json(record_path)["model_digest"]
+    old = read_json(path)
+    old["records"][0]["auroc"] = -1.0
+    write_json_atomic(path, old)
+    assert defence_table.detector_reports(none, ["ss"])[0]["auroc"] == -1.0  # current: served
+    record = read_json(record_path)
+    record["model_digest"] = "0123456789abcdef"  # as a retraining would leave it
+    write_json_atomic(record_path, record)
+    assert defence_table.detector_reports(none, ["ss"], cached_only=True) == []
+    assert defence_table.detector_reports(none, ["ss"])[0]["auroc"] == scored["auroc"]
+    assert read_json(path)["model_digest"] == "0123456789abcdef"
+    legacy = {k: v for k, v in read_json(path).items() if k != "model_digest"}
+    legacy["records"][0]["auroc"] = -1.0
+    write_json_atomic(path, legacy)
+    del record["model_digest"]
+    write_json_atomic(record_path, record)
+    assert defence_table.detector_reports(none, ["ss"], cached_only=True)[0]["auroc"] == -1.0
+
+
 # ----------------------------------------------------------------------------------------------
 # the study runs, on hand-made cached records
 # ----------------------------------------------------------------------------------------------
@@ -443,7 +472,7 @@ def test_adaptive_run_ranks_the_undefended_and_guarded_models(
 
     def fake_ranks(cfg: ExperimentConfig, progress: bool = False) -> Any:
         measured.append((cfg.attack, cfg.defense))
-        return cfg
+        return SimpleNamespace(attack=cfg.attack, record={})  # what ranks_of reads
 
     def ranks_of(cfg: Any, *, count: int, seed: int) -> dict[str, Any]:
         diff = {"badnets": 2.0, "highrank": 25.0, "advnoise": 3.0}[cfg.attack]
@@ -461,6 +490,11 @@ def test_adaptive_run_ranks_the_undefended_and_guarded_models(
     again = adaptive.run("ci", progress=False)
     assert calls == [6] and len(measured) == 6  # runs and ranks both come from the cache
     assert again.rows == result.rows
+    (first,) = adaptive.table_configs("ci", ("badnets",), ("none",), result.seeds)
+    path = run_dir(first) / "record.json"
+    write_json_atomic(path, {**read_json(path), "model_digest": "f" * 16})  # retrained since
+    adaptive.run("ci", progress=False)
+    assert len(measured) == 7 and measured[-1] == ("badnets", "none")  # its ranks redone
     row = next(r for r in result.rows if (r["attack"], r["defense"]) == ("highrank", "none"))
     assert row["erank_diff"] == 25.0 and row["asr_per_sample"] == 0.9
     assert result.notes["rank_samples_per_group"] == [256]

@@ -291,6 +291,10 @@ class AdversarialNeuronPruning(Defense):
             low, high = (mid, high) if ok else (low, mid - 1)
         return order[:low], before
 
+    def check_model(self, model: StagedNet) -> None:
+        """ValueError if the model has no affine BatchNorm layer to mask."""
+        NeuronPerturbation(model)
+
     def run(self, ctx: DefenseContext) -> DefenseOutcome:
         """Train, learn masks on the clean reserve, prune the channels with small masks."""
         images, labels = clean_reserve(ctx, self.name)

@@ -82,6 +82,11 @@ class Defense(ABC):
         """A fresh model with this defence's architecture (the factory's, unless overridden)."""
         return ctx.model_factory()
 
+    def check_model(self, model: StagedNet) -> None:
+        """ValueError if the parameters do not fit `model` (a stage it lacks), checked before
+        any data is read; `model` may be a weightless copy on the meta device."""
+        return None  # nothing to check unless a defence names stages
+
     @abstractmethod
     def run(self, ctx: DefenseContext) -> DefenseOutcome:
         """Train (and repair) a model on the context's data; return it with what was done."""

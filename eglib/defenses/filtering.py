@@ -118,6 +118,13 @@ class FilteringDefense(Defense):
         model.feature_module(name)
         return name
 
+    def check_model(self, model: StagedNet) -> None:
+        """ValueError if `layer` is not one of the model's features."""
+        try:
+            self.resolve_layer(model)
+        except KeyError as error:
+            raise ValueError(f"layer={self.layer!r}: {error.args[0]}") from None
+
     def feature_key(self, model: StagedNet) -> tuple[str, str]:
         """(layer, pool): detectors with equal keys can share one feature matrix."""
         return self.resolve_layer(model), self.pool

@@ -124,6 +124,13 @@ class NeuralAttentionDistillation(Defense):
             model.stage(name)
         return list(self.layers)
 
+    def check_model(self, model: StagedNet) -> None:
+        """ValueError if `layers` (or the betas' count) do not fit the model's stages."""
+        try:
+            self.resolve_layers(model)
+        except KeyError as error:
+            raise ValueError(f"layers={self.layers!r}: {error.args[0]}") from None
+
     def run(self, ctx: DefenseContext) -> DefenseOutcome:
         """Train, fine-tune a teacher copy, distil its attention into the backdoored model."""
         images, labels = clean_reserve(ctx, self.name)

@@ -43,6 +43,11 @@ class EigenGuardDefense(Defense):
         self.at = at
         self.guard_params = dict(guard_params)
 
+    def check_model(self, model: StagedNet) -> None:
+        """ValueError if `at` is not one of the model's stages."""
+        if self.at is not None and self.at not in model.stages:
+            raise ValueError(f"at={self.at!r}; the model's stages are {list(model.stages)}")
+
     def build_model(self, ctx: DefenseContext) -> StagedNet:
         """A fresh model with a guard inserted at `at`."""
         from eglib.guard import insert_guard

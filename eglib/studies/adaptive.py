@@ -14,11 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
 from eglib.config import get_profile, torch_threads
 from eglib.experiments import (
+    MODEL_DIGEST,
     ExperimentConfig,
     ExperimentResult,
+    derived_is_current,
+    derived_stamp,
     record_row,
     run_dir,
     run_experiment,
@@ -92,14 +96,19 @@ def trigger_ranks(
 def run_ranks(cfg: ExperimentConfig, *, count: int) -> dict[str, Any]:
     """`trigger_ranks` of a run's model (seeded by the run's seed), cached as JSON in the
     run's cache folder: loading a model re-poisons its data (PGD for advnoise), so a warm
-    rerun reads the numbers instead. Runs on one CPU thread: the matrices are small, and on
+    rerun reads the numbers instead (recomputed when the run was retrained since, see
+    `derived_is_current`). Runs on one CPU thread: the matrices are small, and on
     a busy 2-core machine a 2-thread 256 x 256 eigh took about 3 s (6 ms on one thread)."""
     path = run_dir(cfg) / f"trigger_ranks_{count}.json"
     if path.exists():
-        return dict(read_json(path))
+        cached = dict(read_json(path))
+        if derived_is_current(cfg, cached):
+            cached.pop(MODEL_DIGEST, None)
+            return cached
     with torch_threads(1):
-        ranks = trigger_ranks(run_experiment(cfg, progress=False), count=count, seed=cfg.seed)
-    write_json_atomic(path, ranks)
+        result = run_experiment(cfg, progress=False)
+        ranks = trigger_ranks(result, count=count, seed=cfg.seed)
+    write_json_atomic(path, {**ranks, **derived_stamp(result.record)})
     return ranks
 
 
@@ -109,10 +118,13 @@ def adaptive_rows(
     *,
     count: int,
     rank_defenses: Sequence[str] = RANK_DEFENSES,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """Per-seed rows (`record_row`), with the trigger ranks of the `rank_defenses` models."""
+    """Per-seed rows (`record_row`), with the trigger ranks of the `rank_defenses` models
+    (each reloads its run, which re-poisons the data: a progress bar with `progress`)."""
     rows = []
-    for cfg, record in zip(configs, records, strict=True):
+    pairs = zip(configs, records, strict=True)
+    for cfg, record in tqdm(pairs, total=len(configs), desc="trigger ranks", disable=not progress):
         row = record_row(record)
         if cfg.defense in rank_defenses:
             row.update(run_ranks(cfg, count=count))
@@ -135,7 +147,7 @@ def run(
     chosen_seeds = tuple(seeds) if seeds is not None else prof.seeds
     configs = table_configs(prof.name, ATTACKS, chosen, chosen_seeds)
     records = run_records(configs, jobs=jobs, progress=progress)
-    rows = adaptive_rows(configs, records, count=grid.rank_samples)
+    rows = adaptive_rows(configs, records, count=grid.rank_samples, progress=progress)
     table = summarise(rows, ("attack", "defense"), (*METRIC_COLUMNS, *RANK_COLUMNS))
     stage = next((r["rank_stage"] for r in rows if "rank_stage" in r), None)
     counts = sorted({r["rank_samples"] for r in rows if "rank_samples" in r})

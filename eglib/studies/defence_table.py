@@ -20,12 +20,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
 from eglib.config import get_profile
 from eglib.defenses.base import recorded_params
 from eglib.defenses.detection import detection_table, evaluate_detectors
 from eglib.experiments import (
     ExperimentConfig,
+    check_config,
+    derived_is_current,
+    derived_stamp,
     is_cached,
     record_row,
     run_dir,
@@ -73,8 +77,8 @@ METRIC_COLUMNS: tuple[str, ...] = (
 @dataclass(frozen=True)
 class TableGrid:
     """What one profile runs: the table's attacks x defences, and the detection table's
-    attacks x detectors x poison rates (detectors score the undefended runs, so the 10 %
-    ones are the table's own; every table attack is also scored at 10 %)."""
+    attacks x detectors x poison rates (detectors score the undefended runs, so the table's
+    own are scored at its rate, `attack_rate`: 10 %, 5 % for the clean-label attacks)."""
 
     attacks: tuple[str, ...]
     defenses: tuple[str, ...]
@@ -201,7 +205,8 @@ def detector_reports(
     the cached reports only, and returns none where the cache holds no current ones: scoring
     a full-profile run takes minutes, and a record copied without its model would retrain);
     the reports are cached next to the run (`DETECTION_FILE`) and recomputed when the
-    detectors or any of their parameters (their current defaults) differ."""
+    detectors or any of their parameters (their current defaults) differ, or the run was
+    retrained since they were scored (`derived_is_current`)."""
     if cfg.defense != "none" or cfg.attack is None:
         raise ValueError(
             f"detectors score an undefended, poisoned run; got attack={cfg.attack!r}, "
@@ -211,7 +216,7 @@ def detector_reports(
     path = run_dir(cfg) / DETECTION_FILE
     if path.exists():
         cached = read_json(path)
-        if cached.get("detectors") == chosen:
+        if cached.get("detectors") == chosen and derived_is_current(cfg, cached):
             return list(cached["records"])
     if cached_only:
         return []
@@ -232,7 +237,9 @@ def detector_reports(
         chosen,
         extra=extra,
     )
-    write_json_atomic(path, {"detectors": chosen, "records": records})
+    write_json_atomic(
+        path, {"detectors": chosen, **derived_stamp(result.record), "records": records}
+    )
     return records
 
 
@@ -363,10 +370,10 @@ def run(
     """Train (or load) the table's runs and the detection runs; summarise them.
 
     `attacks`, `defenses`, `seeds` override the profile's grid. The detectors score the
-    undefended run of every table attack at 10 % and of the chosen attacks that are the
-    grid's detection attacks at every detection rate (`--attacks lf` trains no BadNets run
-    at 1 %); `detection=False` skips the extra trainings at 1 and 5 % (and
-    with no 'none' among the defences, no run is scored). `cached_only=True` trains
+    undefended run of every table attack at its table rate (`attack_rate`) and of the chosen
+    attacks that are the grid's detection attacks at every detection rate (`--attacks lf`
+    trains no BadNets run at 1 %); `detection=False` skips the extra trainings at 1 and 5 %
+    (and with no 'none' among the defences, no run is scored). `cached_only=True` trains
     nothing and scores nothing: the table holds the grid's runs the cache has (each row's `n`
     says how many seeds) and the detection reports it has (the others are listed in the
     notes' `detection_not_scored`), and a grid with none cached is a ValueError.
@@ -378,6 +385,8 @@ def run(
     chosen_seeds = tuple(seeds) if seeds is not None else prof.seeds
     main = table_configs(prof.name, chosen_attacks, chosen_defenses, chosen_seeds)
     extra = detection_configs(prof.name, chosen_seeds, chosen_attacks) if detection else []
+    for cfg in (*main, *extra):  # a misspelt name is an error, not a cell left out as uncached
+        check_config(cfg)
     if cached_only:
         main, extra = _cached(main, prof.name), [c for c in extra if is_cached(c)]
         chosen_attacks = tuple(dict.fromkeys(c.attack for c in main if c.attack))
@@ -386,7 +395,8 @@ def run(
     rows = seed_rows(records[: len(main)])
     scored = list(dict.fromkeys([*(c for c in main if c.defense == "none"), *extra]))
     reports = {
-        cfg: detector_reports(cfg, grid.detectors, cached_only=cached_only) for cfg in scored
+        cfg: detector_reports(cfg, grid.detectors, cached_only=cached_only)
+        for cfg in tqdm(scored, desc="detection", disable=not progress)
     }
     det = detection_records([r for found in reports.values() for r in found])
     return StudyResult(

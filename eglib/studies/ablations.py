@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 from torch import nn
+from tqdm.auto import tqdm
 
 from eglib.config import get_profile, torch_threads
 from eglib.evaluate import TriggeredLike, accuracy, attack_success_rate, guards_eval_mode
@@ -301,8 +302,8 @@ def eval_mode_ablation(
     configs = _per_seed(name, lambda seed: [study_config(name, seed, _reference(grid))], seeds)
     run_configs(configs, jobs=jobs, progress=progress)  # trains what the cache lacks
     rows = []
-    for cfg in configs:
-        result = run_experiment(cfg, progress=progress)
+    for cfg in tqdm(configs, desc="eval_mode", disable=not progress):
+        result = run_experiment(cfg, progress=False)  # cached above: loads it
         data = result.data
         if data.triggered is None:
             raise ValueError(f"config {cfg.key()} has no attack; eval-mode ASR needs one")
@@ -367,7 +368,7 @@ def run(
     rows: list[dict[str, Any]] = []
     for name in names:
         if name == "eval_mode":
-            rows += eval_mode_ablation(prof.name, seeds=seeds, jobs=jobs, progress=False)
+            rows += eval_mode_ablation(prof.name, seeds=seeds, jobs=jobs, progress=progress)
         else:
             rows += _rows(name, configs[name], jobs, progress=False)
     grid = grid_for(prof.name)

@@ -16,7 +16,13 @@ from eglib.guard import insert_guard
 from eglib.io import load_state, save_state_atomic
 from eglib.models import make_model
 from eglib.models.base import StagedNet, StageInfo
-from eglib.train import TrainSettings, default_pad, min_train_batch, train_model
+from eglib.train import (
+    CheckpointMismatchError,
+    TrainSettings,
+    default_pad,
+    min_train_batch,
+    train_model,
+)
 
 SIZE = 16  # smallest side the models take: keeps every test to a few seconds on a CPU
 
@@ -325,48 +331,58 @@ def test_checkpoint_resume_matches_uninterrupted_run(tmp_path: Path, guard_k: in
         )
 
 
-def test_checkpoint_of_other_data_of_the_same_size_is_refused(tmp_path: Path) -> None:
-    images, labels = _halves(64)
-    settings = TrainSettings(epochs=2, batch_size=32)
-    ckpt = tmp_path / "ckpt.pt"
-
-    def train(x: torch.Tensor, y: torch.Tensor) -> list[dict]:
-        return train_model(
-            _model(), x, y, settings, seed=5, device="cpu", progress=False, checkpoint_path=ckpt
-        )
-
+def _interrupted_at_epoch_2(ckpt: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Leave at `ckpt` the checkpoint of a 2-epoch run stopped after its first epoch."""
     with pytest.raises(KeyboardInterrupt):
         train_model(
             _model(),
             images,
             labels,
-            settings,
+            TrainSettings(epochs=2, batch_size=32),
+            callbacks=[_Probe(fail_at=2)],
             seed=5,
             device="cpu",
             progress=False,
             checkpoint_path=ckpt,
-            callbacks=[_Probe(fail_at=2)],
         )
-    other_images, other_labels = _halves(64, seed=1)  # same N, other samples
-    with pytest.raises(ValueError, match="other images or labels"):
-        train(other_images, labels)
-    with pytest.raises(ValueError, match="other images or labels"):
-        train(images, 1 - labels)
-    assert len(train(images, labels)) == 2  # its own data still resumes
+
+
+def _resumed(ckpt: Path, images: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+    """The history of the same 2-epoch run, resumed from `ckpt`."""
+    settings = TrainSettings(epochs=2, batch_size=32)
+    return train_model(
+        _model(),
+        images,
+        labels,
+        settings,
+        seed=5,
+        device="cpu",
+        progress=False,
+        checkpoint_path=ckpt,
+    )
+
+
+def test_checkpoint_of_other_data_of_the_same_size_is_refused(tmp_path: Path) -> None:
+    images, labels = _halves(64)
+    ckpt = tmp_path / "ckpt.pt"
+    _interrupted_at_epoch_2(ckpt, images, labels)
+    other_images, _ = _halves(64, seed=1)  # same N, other samples
+    with pytest.raises(CheckpointMismatchError, match="other images or labels"):
+        _resumed(ckpt, other_images, labels)
+    with pytest.raises(CheckpointMismatchError, match="other images or labels"):
+        _resumed(ckpt, images, 1 - labels)
+    assert len(_resumed(ckpt, images, labels)) == 2  # its own data still resumes
 
 
 def test_checkpoint_without_a_data_record_resumes_with_a_warning(tmp_path: Path) -> None:
     images, labels = _halves(64)
-    settings = TrainSettings(epochs=2, batch_size=32)
     ckpt = tmp_path / "ckpt.pt"
-    kwargs = dict(seed=5, device="cpu", progress=False, checkpoint_path=ckpt)
-    with pytest.raises(KeyboardInterrupt):
-        train_model(_model(), images, labels, settings, callbacks=[_Probe(fail_at=2)], **kwargs)
+    _interrupted_at_epoch_2(ckpt, images, labels)
     state = load_state(ckpt)
     del state["data"]  # as the checkpoints written before data digests
     save_state_atomic(ckpt, state)
     with pytest.warns(UserWarning, match="does not record its training data"):
-        history = train_model(_model(), images, labels, settings, **kwargs)
+        history = _resumed(ckpt, images, labels)
     assert [row["epoch"] for row in history] == [1, 2]
 
 

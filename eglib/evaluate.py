@@ -28,6 +28,10 @@ from torch import nn
 from eglib.data import to_float
 from eglib.params import check_float, check_int
 
+# The batches of the 'mixed' and 'pure' protocols (a batch-wise guard's ACC and ASR depend on
+# it): every table, record and the explorer evaluate at this size.
+EVAL_BATCH_SIZE = 256
+
 PROTOCOLS: tuple[str, ...] = ("per_sample", "mixed", "pure")
 
 
@@ -72,20 +76,28 @@ def _check_batch_size(batch_size: int) -> None:
         raise ValueError(f"batch_size={batch_size!r}; must be an int >= 1")
 
 
-def predict_batches(
-    model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device
-) -> torch.Tensor:
-    """Predicted classes (CPU int64) of uint8 batches fed to the model one batch each, in order.
-
-    The model runs in eval mode without gradients; its train/eval flag is restored after.
-    """
-    was_training = model.training
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the block with `model` in eval mode and no gradients; afterwards every submodule
+    gets back its own train/eval flag (`model.train(flag)` would set them all to the
+    container's, e.g. put a wrapped eval-mode model's BatchNorm layers into train mode)."""
+    flags = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            preds = [model(to_float(b.to(device))).argmax(1) for b in batches]
+            yield model
     finally:
-        model.train(was_training)
+        for module, flag in flags:
+            module.training = flag
+
+
+def predict_batches(
+    model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """Predicted classes (CPU int64) of uint8 batches fed to the model one batch each, in order
+    (`evaluating`: eval mode, no gradients, each submodule's train/eval flag restored after)."""
+    with evaluating(model):
+        preds = [model(to_float(b.to(device))).argmax(1) for b in batches]
     return torch.cat(preds).cpu()
 
 
@@ -252,7 +264,7 @@ def evaluate_protocols(
     triggered: TriggeredLike,
     *,
     poison_rate: float,
-    batch_size: int = 256,
+    batch_size: int = EVAL_BATCH_SIZE,
     seed: int = 0,
     device: str | torch.device | None = None,
 ) -> dict[str, dict[str, float]]:

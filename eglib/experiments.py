@@ -20,7 +20,13 @@ from eglib import config as egconfig
 from eglib.data import dataset_info, load_dataset, take_subset
 from eglib.defenses import DEFENSES, DefenseContext, make_defense, recorded_params
 from eglib.defenses.base import Defense, UndefendedRun
-from eglib.evaluate import accuracy, attack_success_rate, evaluate_protocols, guards_eval_mode
+from eglib.evaluate import (
+    EVAL_BATCH_SIZE,
+    accuracy,
+    attack_success_rate,
+    evaluate_protocols,
+    guards_eval_mode,
+)
 from eglib.io import (
     config_hash,
     environment_info,
@@ -560,7 +566,8 @@ def _build_context(
 
 def evaluate_run(model: StagedNet, cfg: ExperimentConfig, data: ExperimentData) -> dict[str, Any]:
     """Clean ACC and, for an attack, ACC and ASR under the three protocols (per-sample, mixed,
-    pure); the headline `acc` and `asr` are per-sample whatever the guards' own eval mode."""
+    pure, in batches of `eval_batch_size`); the headline `acc` and `asr` are per-sample
+    whatever the guards' own eval mode."""
     if data.triggered is None:
         with guards_eval_mode(model, "running"):
             return {"acc": accuracy(model, data.test_images, data.test_labels)}
@@ -570,10 +577,16 @@ def evaluate_run(model: StagedNet, cfg: ExperimentConfig, data: ExperimentData) 
         data.test_labels,
         data.triggered,
         poison_rate=cfg.poison_rate,
+        batch_size=EVAL_BATCH_SIZE,
         seed=cfg.seed,
     )
     per_sample = protocols["per_sample"]
-    return {"acc": per_sample["acc"], "protocols": protocols, "asr": per_sample["asr"]}
+    return {
+        "acc": per_sample["acc"],
+        "protocols": protocols,
+        "asr": per_sample["asr"],
+        "eval_batch_size": EVAL_BATCH_SIZE,
+    }
 
 
 def run_experiment(

@@ -35,7 +35,7 @@ from torch import nn
 
 from eglib.config import torch_threads
 from eglib.data import take_subset
-from eglib.evaluate import PROTOCOLS, evaluate_protocols, mixed_batches
+from eglib.evaluate import EVAL_BATCH_SIZE, PROTOCOLS, evaluate_protocols, mixed_batches
 from eglib.experiments import ExperimentResult
 from eglib.guard import EigenGuard, is_identity_filter, remove_guard
 from eglib.models.base import StagedNet
@@ -94,7 +94,8 @@ class _AttackSets:
 
     @property
     def batch_size(self) -> int:
-        """The run's batch size: the batches of the guard's calibration and batch protocols."""
+        """The run's training batch size: the batches of the guard's calibration (the mixed
+        and pure protocols use `EVAL_BATCH_SIZE`, as the runs' records do)."""
         return self.result.config.batch_size
 
 
@@ -127,6 +128,7 @@ class _CachedPrefix(nn.Module):
         path: dict[str, nn.Module] = {layer: guard}
         path.update({name: model.guards[name] for name in later if name in model.guards})
         self.guards = nn.ModuleDict(path)
+        self.train(model.training)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         """Logits for float codes (B, 3, 1, 1) in [0, 1] (uint8 codes through `to_float`)."""
@@ -147,11 +149,13 @@ def _row_codes(start: int, count: int) -> torch.Tensor:
 
 
 def calibrate_running_stats(guard: EigenGuard, features: torch.Tensor, batch_size: int) -> None:
-    """Set a guard's running statistics to the plain average over batches of `features`.
+    """Set a guard's running statistics from batches of `features`, as training sets them.
 
     No gradients; the guard runs in train mode on near-equal batches of about `batch_size`
     rows with momentum 1/t at the t-th batch (a cumulative average, like BatchNorm with
-    momentum=None), then goes back to eval mode with its own momentum.
+    momentum=None), then goes back to eval mode with its own momentum. Like the guard's own
+    update, each step re-truncates the running second moment to rank k, so beyond two
+    batches the result is not the plain average's top-k and depends on the batches' order.
     """
     momentum = guard.momentum
     batches = torch.tensor_split(features, max(1, len(features) // batch_size))
@@ -169,15 +173,16 @@ def calibrate_running_stats(guard: EigenGuard, features: torch.Tensor, batch_siz
 def _smallest_batch(
     n_clean: int, triggered: _Triggered, n_calibration: int, batch_size: int, poison_rate: float
 ) -> int:
-    """The fewest rows any guard batch gets: calibration, 'mixed' and 'pure' batches.
+    """The fewest rows any guard batch gets: calibration (in batches of `batch_size`),
+    'mixed' and 'pure' batches (of `EVAL_BATCH_SIZE`).
 
     A batch-wise guard needs k <= its batch's rows; the batches are those that
     `calibrate_running_stats` and `evaluate_protocols` build (their sizes do not depend on
     the seed).
     """
     n_trig = int((triggered.source_labels != triggered.labels).sum())  # the ones ASR counts
-    mixed = mixed_batches(n_clean, n_trig, poison_rate, batch_size, torch.Generator())
-    pure = [n // math.ceil(n / batch_size) for n in (n_clean, n_trig)]
+    mixed = mixed_batches(n_clean, n_trig, poison_rate, EVAL_BATCH_SIZE, torch.Generator())
+    pure = [n // math.ceil(n / EVAL_BATCH_SIZE) for n in (n_clean, n_trig)]
     calibration = n_calibration // max(1, n_calibration // batch_size)
     return min(min(len(c) + len(t) for c, t in mixed), *pure, calibration)
 
@@ -437,7 +442,7 @@ class SpectralExplorer:
             sets.eval_labels,
             sets.eval_triggered,
             poison_rate=sets.result.config.poison_rate,
-            batch_size=sets.batch_size,
+            batch_size=EVAL_BATCH_SIZE,
             seed=self.seed,
         )
 
@@ -459,7 +464,7 @@ class SpectralExplorer:
             sets.eval_labels,
             _Triggered(_row_codes(n_clean, len(trig.labels)), trig.labels, trig.source_labels),
             poison_rate=sets.result.config.poison_rate,
-            batch_size=sets.batch_size,
+            batch_size=EVAL_BATCH_SIZE,
             seed=self.seed,
         )
 

@@ -19,6 +19,7 @@ from eglib.evaluate import (
     guards_eval_mode,
     mixed_batches,
     predict,
+    predict_batches,
 )
 from eglib.experiments import _epoch_metrics, evaluate_run
 from eglib.guard import insert_guard
@@ -413,3 +414,15 @@ def test_protocols_reject_bad_input() -> None:
     odd = _Triggered(torch.zeros(10, 1, 8, 8, dtype=torch.uint8), trig.labels, trig.source_labels)
     with pytest.raises(ValueError, match="differ in shape"):
         evaluate_protocols(model, clean_x, clean_y, odd, poison_rate=0.1)
+
+
+def test_prediction_restores_each_submodules_own_mode() -> None:
+    """A train-mode wrapper around an eval-mode network: after predicting, the network's
+    BatchNorm must still be in eval mode (restoring the wrapper's flag recursively put it
+    in train mode)."""
+    inner = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    inner(torch.zeros(2, 1, 8, 8))
+    wrapper = nn.Sequential(inner).train()
+    inner.eval()
+    predict_batches(wrapper, [torch.zeros(3, 1, 8, 8, dtype=torch.uint8)], torch.device("cpu"))
+    assert wrapper.training and not inner.training and not inner[1].training

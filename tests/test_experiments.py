@@ -125,6 +125,7 @@ def test_run_records_protocols_and_is_cached(tiny_fashion, tmp_cache, monkeypatc
     record = first.record
     json.dumps(record)
     assert set(record["metrics"]["protocols"]) == {"per_sample", "mixed", "pure"}
+    assert record["metrics"]["eval_batch_size"] == 256  # mixed / pure batches, recorded
     assert record["key"] == cfg.key() and (run_dir(cfg) / "record.json").exists()
     assert not (run_dir(cfg) / "checkpoint.pt").exists()
     row = record_row(record)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +14,7 @@ from torch import nn
 
 from eglib import widgets
 from eglib.data import to_float
-from eglib.evaluate import evaluate_protocols
+from eglib.evaluate import EVAL_BATCH_SIZE, evaluate_protocols
 from eglib.experiments import ExperimentConfig, ExperimentData, ExperimentResult
 from eglib.guard import EigenGuard, insert_guard
 from eglib.models.base import StagedNet, StageInfo
@@ -133,7 +132,7 @@ def end_to_end(model: nn.Module, result: ExperimentResult, sets: Any) -> dict:
         sets.eval_labels,
         sets.eval_triggered,
         poison_rate=result.config.poison_rate,
-        batch_size=result.config.batch_size,
+        batch_size=EVAL_BATCH_SIZE,
         seed=0,
     )
 
@@ -182,7 +181,7 @@ def test_as_trained_column_of_a_guarded_model_is_the_model_end_to_end() -> None:
     result = fake_result("badnets", 0)
     train = result.data.train_images[:64]
     calibration = capture_features(result.model, train, ["stem"])["stem"]
-    guard = insert_guard(result.model, at="stem", k=8, rule="remove")
+    guard = insert_guard(result.model, at="stem", k=16, rule="remove")
     calibrate_running_stats(guard, calibration, result.config.batch_size)
     explorer = make_explorer({"badnets": result}, k=2)
     want = end_to_end(result.model, result, explorer._sets["badnets"])
@@ -205,7 +204,9 @@ def test_attack_change_switches_model(results: dict[str, ExperimentResult]) -> N
     )
 
 
-def test_calibration_is_a_plain_average_over_batches() -> None:
+def test_calibration_over_two_batches_is_their_plain_average() -> None:
+    """Order-free for two batches; beyond two the rank-k re-truncation makes it order-dependent
+    (the docstring says so)."""
     torch.manual_seed(0)
     a, b = torch.randn(20, 30), torch.randn(20, 30) * 3
     forward, backward = EigenGuard(4), EigenGuard(4)
@@ -263,8 +264,22 @@ def test_bad_options_raise(
 
 
 def test_batches_too_small_for_a_guard_raise(results: dict[str, ExperimentResult]) -> None:
-    result = results["badnets"]
-    tiny_batches = dataclasses.replace(result, config=result.config.replace(batch_size=2))
-    # 3 clean images in batches of at most 2: a pure batch of 1 row
+    # one triggered evaluation image: a pure batch of 1 row
     with pytest.raises(ValueError, match="guard batches of 1 row"):
-        SpectralExplorer({"badnets": tiny_batches}, n_eval=24, n_metrics=3)
+        SpectralExplorer({"badnets": results["badnets"]}, n_eval=24, n_metrics=32, n_triggered=1)
+
+
+def test_the_explorer_leaves_a_models_batchnorm_in_eval_mode() -> None:
+    """The explorer wraps the model's later stages in a module created in train mode; the
+    protocols then restored that wrapper's flag recursively, so the (eval-mode) model's
+    BatchNorm layers ran in train mode ever after and later predictions moved their
+    running statistics."""
+    result = fake_result("badnets", 0)
+    result.model.body["layer2"].append(nn.BatchNorm2d(16))
+    result.model.eval()
+    make_explorer({"badnets": result}, k=2)
+    assert [n for n, m in result.model.named_modules() if m.training] == []
+    mean = result.model.body["layer2"][-1].running_mean.clone()
+    with torch.no_grad():
+        result.model(result.data.test_images[:8].float() / 255)
+    assert torch.equal(result.model.body["layer2"][-1].running_mean, mean)

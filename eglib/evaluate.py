@@ -205,8 +205,9 @@ def mixed_batches(
     into the same number of near-equal chunks, B = ceil(total / batch_size), so every batch
     holds about batch_size images of which a fraction r is triggered. The two orders are
     drawn independently: a triggered image can share its batch with its own clean original
-    (measured: 226 of 9062 triggered slots, 2.5 %, for 10000 test images at 10 % in batches
-    of 256), and a chunk spanning two permutation rounds can hold a clean image twice.
+    (measured: 215 of 9000 triggered slots, 2.4 %, for 10000 clean and 9000 triggered test
+    images at 10 % in batches of 256, seed 0), and a chunk spanning two permutation rounds
+    can hold a clean image twice.
     """
     poison_rate = check_float(
         "poison_rate", poison_rate, low=0.0, high=1.0, low_open=True, high_open=True

@@ -17,6 +17,7 @@ from torch import nn
 
 from eglib.data import to_float
 from eglib.models.base import StagedNet
+from eglib.params import check_bool, check_integer
 
 # singular values below RANK_TOL * s_max are round-off (of float32 features, or of the Gram route)
 RANK_TOL = 1e-6
@@ -74,16 +75,24 @@ def singular_values(A: torch.Tensor) -> torch.Tensor:
 
 
 def _check_spectrum(s: torch.Tensor) -> None:
-    """ValueError unless `s` is a 1-D tensor of finite, non-negative singular values."""
+    """ValueError unless `s` is a non-empty 1-D tensor of finite, non-negative values."""
     if not isinstance(s, torch.Tensor) or s.dim() != 1:
         raise ValueError(f"expected a 1-D tensor of singular values, got {s!r}")
+    if s.numel() == 0:
+        raise ValueError(
+            "the spectrum is empty; a rank needs at least one singular value (an empty "
+            "matrix has no rank)"
+        )
     require_finite(s, "spectrum")
     if bool((s < 0).any()):
         raise ValueError(f"singular values must be >= 0; got {int((s < 0).sum())} negative")
 
 
 def effective_rank_of_spectrum(s: torch.Tensor) -> float:
-    """Effective rank from singular values `s`: exp(entropy of s / sum(s)); 0 if all zero."""
+    """Effective rank from singular values `s`: exp(entropy of s / sum(s)); 0 if all zero.
+
+    ValueError for an empty, non-1-D, negative or non-finite `s`.
+    """
     _check_spectrum(s)
     total = s.sum()
     if total <= 0:
@@ -94,7 +103,10 @@ def effective_rank_of_spectrum(s: torch.Tensor) -> float:
 
 
 def stable_rank_of_spectrum(s: torch.Tensor) -> float:
-    """Stable rank from singular values `s`: sum(s^2) / max(s)^2; 0 if all zero."""
+    """Stable rank from singular values `s`: sum(s^2) / max(s)^2; 0 if all zero.
+
+    ValueError for an empty, non-1-D, negative or non-finite `s`.
+    """
     _check_spectrum(s)
     top = s.max()
     if top <= 0:
@@ -125,7 +137,7 @@ def top_right_basis(A: torch.Tensor, k: int, *, center: bool = False) -> torch.T
     When both sides exceed EXACT_MAX_SIDE and k is small beside them, V_k comes from a seeded
     randomized SVD (subspace iteration, `_randomized_top_basis`) instead of a full eigh.
     """
-    M = _rows64(A, k, center)
+    M, k = _rows64(A, k, center)
     if min(M.shape) > EXACT_MAX_SIDE and k + OVERSAMPLE <= min(M.shape) // 4:
         require_finite(M)  # the exact route's gram_eigh checks; torch's QR/SVD would not say
         return _randomized_top_basis(M, k)
@@ -158,7 +170,7 @@ def _randomized_top_basis(M: torch.Tensor, k: int) -> torch.Tensor:
 def top_coordinates(A: torch.Tensor, k: int, *, center: bool = False) -> torch.Tensor:
     """The top-k right-singular coordinates A V_k (B, k, float64) of the rows of A (B, ...):
     `top_tail_projections`' first output, without forming the (B, D) tail."""
-    M = _rows64(A, k, center)
+    M, k = _rows64(A, k, center)
     return M @ top_right_basis(M, k)
 
 
@@ -173,18 +185,18 @@ def top_tail_projections(
     then the principal axes, as in PCA) and the identity holds for the centred A. Directions
     with a singular value below RANK_TOL * s_max (round-off; rank < k) get zero coordinates.
     """
-    M = _rows64(A, k, center)
+    M, k = _rows64(A, k, center)
     V_k = top_right_basis(M, k)
     top = M @ V_k
     return top, M - top @ V_k.T
 
 
-def _rows64(A: torch.Tensor, k: int, center: bool) -> torch.Tensor:
-    """A as a float64 (B, D) matrix, centred if asked; ValueError unless 1 <= k <= min(B, D)."""
+def _rows64(A: torch.Tensor, k: int, center: bool) -> tuple[torch.Tensor, int]:
+    """A as a float64 (B, D) matrix, centred if asked, and k as an int; ValueError unless k is
+    an integer (NumPy ones too, not a bool) in [1, min(B, D)]."""
     M = flatten_rows(A).to(torch.float64)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(M.shape):
-        raise ValueError(f"k={k!r}; must be an int in [1, min(B, D) = {min(M.shape)}]")
-    return M - M.mean(dim=0, keepdim=True) if center else M
+    k = check_integer("k", k, 1, min(M.shape))
+    return (M - M.mean(dim=0, keepdim=True) if check_bool("center", center) else M), k
 
 
 def equal_count_subsample(
@@ -194,15 +206,23 @@ def equal_count_subsample(
 
     sizes: the number of rows of each group; count: rows per group (default: the smallest
     group). Effective rank grows with the number of rows, so groups are compared this way.
+    Sizes and count are integers (Python or NumPy; bools and floats are refused).
     """
-    if not sizes or any(int(n) < 1 for n in sizes):
-        raise ValueError(f"sizes={list(sizes)}; need at least one group, each with >= 1 row")
-    smallest = min(int(n) for n in sizes)
-    chosen = smallest if count is None else count
-    if not 1 <= chosen <= smallest:
-        raise ValueError(f"count={count}; must be in [1, smallest group = {smallest}]")
+    try:
+        groups = [check_integer("size", n, 1) for n in sizes]
+    except (TypeError, ValueError):
+        groups = []
+    if not groups:
+        shown = list(sizes) if isinstance(sizes, Sequence) else sizes
+        raise ValueError(
+            f"sizes={shown!r}; need at least one group, each an integer number of rows >= 1"
+        )
+    smallest = min(groups)
+    chosen = smallest if count is None else check_integer("count", count, 1)
+    if chosen > smallest:
+        raise ValueError(f"count={count!r}; must be in [1, smallest group = {smallest}]")
     generator = torch.Generator().manual_seed(seed)
-    return [torch.sort(torch.randperm(int(n), generator=generator)[:chosen]).values for n in sizes]
+    return [torch.sort(torch.randperm(n, generator=generator)[:chosen]).values for n in groups]
 
 
 class _Captured(Exception):
@@ -214,6 +234,34 @@ def model_device(model: nn.Module) -> torch.device:
     for tensor in [*model.parameters(), *model.buffers()]:
         return tensor.device
     return torch.device("cpu")
+
+
+def _stage_names(stages: Sequence[str]) -> list[str]:
+    """The distinct stage names in order; ValueError unless a non-empty list of names (a bare
+    str would otherwise be read as one stage per letter)."""
+    if isinstance(stages, str):
+        raise ValueError(f"stages={stages!r}; must be a list of stage names, e.g. [{stages!r}]")
+    names = list(dict.fromkeys(stages)) if isinstance(stages, Sequence) else []
+    if not names or not all(isinstance(name, str) and name for name in names):
+        shown = list(stages) if isinstance(stages, Sequence) else stages
+        raise ValueError(f"stages={shown!r}; must be a non-empty list of stage names (str)")
+    return names
+
+
+def _check_images(images: torch.Tensor, name: str = "images") -> None:
+    """ValueError unless `images` is a non-empty uint8 (N, C, H, W) tensor."""
+    if (
+        not isinstance(images, torch.Tensor)
+        or images.dtype != torch.uint8
+        or images.dim() != 4
+        or len(images) == 0
+    ):
+        got = (
+            f"{images.dtype} {tuple(images.shape)}"
+            if isinstance(images, torch.Tensor)
+            else type(images).__name__
+        )
+        raise ValueError(f"{name} must be non-empty uint8 (N, C, H, W); got {got}")
 
 
 def capture_features(
@@ -231,16 +279,9 @@ def capture_features(
     forward pass stops once every requested stage has been seen. `device` None: the model's
     device; otherwise the model is moved there. Unknown name -> KeyError listing the valid ones.
     """
-    names = list(dict.fromkeys(stages))
-    if not names:
-        raise ValueError("stages is empty; name at least one stage")
-    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or len(images_uint8) == 0:
-        raise ValueError(
-            f"images must be non-empty uint8 (N, C, H, W); got {images_uint8.dtype} "
-            f"{tuple(images_uint8.shape)}"
-        )
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}; must be >= 1")
+    names = _stage_names(stages)
+    _check_images(images_uint8)
+    batch_size = check_integer("batch_size", batch_size, 1)
     modules = {name: model.feature_module(name) for name in names}
     dev = model_device(model) if device is None else torch.device(device)
     model.to(dev)
@@ -325,8 +366,7 @@ def tsne_embed(
     from threadpoolctl import threadpool_limits
 
     M = flatten_rows(X)
-    if max_points < 2:
-        raise ValueError(f"max_points={max_points}; must be >= 2")
+    max_points = check_integer("max_points", max_points, 2)
     if len(M) > max_points:
         indices = equal_count_subsample([len(M)], count=max_points, seed=seed)[0]
     else:
@@ -365,22 +405,20 @@ class RankTracker:
         seed: int = 0,
         batch_size: int = 256,
     ) -> None:
+        _check_images(clean_images, "clean_images")
+        _check_images(triggered_images, "triggered_images")
         if clean_images.shape != triggered_images.shape:
             raise ValueError(
                 f"clean and triggered images must pair up row by row; got shapes "
                 f"{tuple(clean_images.shape)} and {tuple(triggered_images.shape)}"
             )
-        if n_samples < 2:
-            raise ValueError(f"n_samples={n_samples}; must be >= 2")
-        if not stages:
-            raise ValueError("stages is empty; name at least one stage")
-        count = min(n_samples, len(clean_images))
+        self.stages = tuple(_stage_names(stages))
+        count = min(check_integer("n_samples", n_samples, 2), len(clean_images))
+        self.batch_size = check_integer("batch_size", batch_size, 1)
         rows = equal_count_subsample([len(clean_images)], count=count, seed=seed)[0]
         self.clean = clean_images[rows]
         self.triggered = triggered_images[rows]
-        self.stages = tuple(stages)
         self.n_samples = count
-        self.batch_size = batch_size
 
     def on_epoch_end(self, model: StagedNet, epoch: int, row: dict[str, float]) -> None:
         """Add six rank values per stage (and `rank_samples`) to the epoch's history row."""

@@ -277,3 +277,65 @@ def test_bad_spectra_and_batches_are_refused_by_name(monkeypatch: pytest.MonkeyP
     A[3, 4] = math.nan
     with pytest.raises(ValueError, match="1 NaN"):
         top_right_basis(A, 2)
+
+
+def test_a_str_of_stages_is_refused_not_split_into_letters() -> None:
+    """RankTracker(x, x, 'layer1') stored ('l', 'a', ...) and failed only after an epoch;
+    capture_features(m, x, 'stem') failed with "unknown feature 's'"."""
+    model, clean = _tiny_net(), _images(8)
+    with pytest.raises(ValueError, match=r"stages='linear'.*list"):
+        RankTracker(clean, clean, "linear")
+    with pytest.raises(ValueError, match=r"stages='linear'.*list"):
+        capture_features(model, clean, "linear")
+    with pytest.raises(ValueError, match=r"stages=\['linear', 3\]"):
+        capture_features(model, clean, ["linear", 3])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="uint8"):
+        RankTracker(clean.float(), clean.float(), ["linear"])  # before an epoch, not after
+
+
+def test_counts_must_be_integers_and_say_so_with_a_value_error() -> None:
+    """Bools and floats were taken as counts (sizes=[3.7, 4] silently truncated, count=True
+    gave 1 row) or failed with a TypeError deep inside torch; NumPy integers still work."""
+    import numpy as np
+
+    model, clean = _tiny_net(), _images(8)
+    for kwargs, name in (
+        ({"n_samples": 2.5}, "n_samples=2.5"),
+        ({"n_samples": True}, "n_samples=True"),
+        ({"batch_size": 2.5}, "batch_size=2.5"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            RankTracker(clean, clean, ["linear"], **kwargs)
+    with pytest.raises(ValueError, match="batch_size=2.5"):
+        capture_features(model, clean, ["linear"], batch_size=2.5)  # type: ignore[arg-type]
+    for kwargs, name in (
+        ({"sizes": [3.7, 4]}, r"sizes=\[3.7, 4\]"),
+        ({"sizes": [3, True]}, r"sizes=\[3, True\]"),
+        ({"sizes": [3, 4], "count": True}, "count=True"),
+        ({"sizes": [3, 4], "count": 2.0}, "count=2.0"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            equal_count_subsample(**kwargs)  # type: ignore[arg-type]
+    sizes = [np.int64(5), 4]
+    assert [len(p) for p in equal_count_subsample(sizes, count=np.int64(3))] == [3, 3]
+    with pytest.raises(ValueError, match="max_points=2.5"):
+        tsne_embed(torch.randn(40, 3), max_points=2.5)  # type: ignore[arg-type]
+
+
+def test_empty_spectra_and_numpy_k() -> None:
+    """An empty spectrum had effective rank 0 but made stable rank raise a RuntimeError; k as
+    a NumPy integer was refused with 'k=np.int64(3); must be an int in [1, 5]'."""
+    import numpy as np
+
+    from eglib.spectral import effective_rank_of_spectrum, stable_rank_of_spectrum
+
+    for rank_of in (effective_rank_of_spectrum, stable_rank_of_spectrum):
+        with pytest.raises(ValueError, match="empty"):
+            rank_of(torch.tensor([]))
+    A = torch.randn(5, 8, generator=_gen(23))
+    torch.testing.assert_close(top_right_basis(A, np.int64(3)), top_right_basis(A, 3))
+    assert top_coordinates(A, np.int64(2)).shape == (5, 2)
+    with pytest.raises(ValueError, match=r"k=True; must be an integer \(not a bool\) in \[1, 5\]"):
+        top_right_basis(A, True)
+    with pytest.raises(ValueError, match=r"k=np.int64\(9\); must be an integer in \[1, 5\]"):
+        top_right_basis(A, np.int64(9))

@@ -9,6 +9,7 @@ sample. Spectra are computed in float64 through the Gram matrix of the smaller s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -17,7 +18,7 @@ from torch import nn
 
 from eglib.data import to_float
 from eglib.models.base import StagedNet
-from eglib.params import check_bool, check_integer
+from eglib.params import check_bool, check_choice, check_integer
 
 # singular values below RANK_TOL * s_max are round-off (of float32 features, or of the Gram route)
 RANK_TOL = 1e-6
@@ -270,6 +271,8 @@ def capture_features(
     stages: Sequence[str],
     batch_size: int = 256,
     device: str | torch.device | None = None,
+    *,
+    eval_mode: str = "running",
 ) -> dict[str, torch.Tensor]:
     """Features (float32, CPU, shape (N, C, H, W)) that the stage after each named stage sees
     ('penultimate': the map the classifier pools, see `StagedNet.feature_module`).
@@ -278,10 +281,19 @@ def capture_features(
     the model in eval mode without gradients and restores its train/eval mode afterwards; the
     forward pass stops once every requested stage has been seen. `device` None: the model's
     device; otherwise the model is moved there. Unknown name -> KeyError listing the valid ones.
+
+    Batches are near-equal, ceil(N / batch_size) of them (no tiny last batch), and the model's
+    guards run with `eval_mode` ('running': per sample, from their running estimates, so the
+    features do not depend on the batching; 'batch': each batch filtered as a whole), restored
+    afterwards.
     """
+    from eglib.evaluate import guards_eval_mode  # eglib.guard imports this module
+    from eglib.guard import EVAL_MODES
+
     names = _stage_names(stages)
     _check_images(images_uint8)
     batch_size = check_integer("batch_size", batch_size, 1)
+    check_choice("eval_mode", eval_mode, EVAL_MODES)
     modules = {name: model.feature_module(name) for name in names}
     dev = model_device(model) if device is None else torch.device(device)
     model.to(dev)
@@ -299,12 +311,13 @@ def capture_features(
     handles = [module.register_forward_hook(hook_for(name)) for name, module in modules.items()]
     was_training = model.training
     model.eval()
+    batches = torch.tensor_split(images_uint8, math.ceil(len(images_uint8) / batch_size))
     try:
-        with torch.no_grad():
-            for start in range(0, len(images_uint8), batch_size):
+        with torch.no_grad(), guards_eval_mode(model, eval_mode):
+            for batch in batches:
                 current.clear()
                 try:
-                    model(to_float(images_uint8[start : start + batch_size].to(dev)))
+                    model(to_float(batch.to(dev)))
                 except _Captured:
                     pass
                 for name in names:
@@ -323,12 +336,15 @@ def trigger_difference(
     stages: Sequence[str],
     batch_size: int = 256,
     device: str | torch.device | None = None,
+    *,
+    eval_mode: str = "running",
 ) -> dict[str, torch.Tensor]:
-    """Trigger-induced feature change f(x + t) - f(x) per stage; row i of both inputs pairs up."""
+    """Trigger-induced feature change f(x + t) - f(x) per stage; row i of both inputs pairs up
+    (batching and `eval_mode` as in `capture_features`)."""
     return {
         name: diff
         for name, (_, _, diff) in _paired_features(
-            model, clean_images, triggered_images, stages, batch_size, device
+            model, clean_images, triggered_images, stages, batch_size, device, eval_mode
         ).items()
     }
 
@@ -340,6 +356,7 @@ def _paired_features(
     stages: Sequence[str],
     batch_size: int,
     device: str | torch.device | None,
+    eval_mode: str = "running",
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per stage: (clean features, triggered features, their difference) for paired images."""
     if clean_images.shape != triggered_images.shape:
@@ -347,8 +364,10 @@ def _paired_features(
             f"clean and triggered images must pair up row by row; got shapes "
             f"{tuple(clean_images.shape)} and {tuple(triggered_images.shape)}"
         )
-    clean = capture_features(model, clean_images, stages, batch_size, device)
-    triggered = capture_features(model, triggered_images, stages, batch_size, device)
+    clean = capture_features(model, clean_images, stages, batch_size, device, eval_mode=eval_mode)
+    triggered = capture_features(
+        model, triggered_images, stages, batch_size, device, eval_mode=eval_mode
+    )
     return {name: (clean[name], triggered[name], triggered[name] - clean[name]) for name in clean}
 
 
@@ -391,7 +410,8 @@ class RankTracker:
     `clean_images` and `triggered_images` are uint8 (N, C, H, W) that pair up row by row
     (triggered[i] is clean[i] with the trigger). The same `n_samples` rows (seeded) are used
     at every epoch for all three groups, so the ranks are compared at equal counts (the count
-    is recorded as `rank_samples`). Adds, per stage: `erank_clean/<stage>`,
+    is recorded as `rank_samples`). Features are captured with the guards' running estimates
+    (see `capture_features`). Adds, per stage: `erank_clean/<stage>`,
     `erank_triggered/<stage>`, `erank_diff/<stage>` (features of f(x + t) - f(x)) and the
     same three with `srank_` (stable rank).
     """

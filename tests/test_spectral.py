@@ -162,7 +162,8 @@ def test_capture_features_sees_what_the_next_stage_sees() -> None:
     assert features["relu"].shape == (10, 4, 6, 6) and features["relu"].device.type == "cpu"
     assert model.training  # mode restored
     guard = insert_guard(model, at="linear", k=2, eval_mode="batch")
-    guarded = capture_features(model, images, ["linear"], batch_size=10)["linear"]
+    guarded = capture_features(model, images, ["linear"], batch_size=10, eval_mode="batch")
+    guarded = guarded["linear"]
     guard.eval()
     torch.testing.assert_close(guarded, guard(linear))
 
@@ -277,6 +278,32 @@ def test_bad_spectra_and_batches_are_refused_by_name(monkeypatch: pytest.MonkeyP
     A[3, 4] = math.nan
     with pytest.raises(ValueError, match="1 NaN"):
         top_right_basis(A, 2)
+
+
+def test_capture_features_uses_near_equal_batches_and_the_running_guards() -> None:
+    """The last batch of range(0, N, batch_size) could hold 1 row: a guard filtering batch-wise
+    then raised (B=1) or gave features that depended on batch_size. Batches are now near-equal
+    and guards run on their running estimates unless `eval_mode='batch'` is asked for."""
+    model = _tiny_net()
+    guard = insert_guard(model, at="linear", k=2, eval_mode="batch")
+    model.train()
+    with torch.no_grad():
+        model(_images(16, seed=5).float() / 255)  # running estimates
+    images = _images(10)
+    per_sample = capture_features(model, images, ["linear"], batch_size=10)["linear"]
+    for size in (1, 3, 9):
+        torch.testing.assert_close(
+            capture_features(model, images, ["linear"], batch_size=size)["linear"], per_sample
+        )
+    assert guard.eval_mode == "batch" and model.training  # both restored
+    as_two_fives = capture_features(model, images, ["linear"], batch_size=5, eval_mode="batch")
+    nine = capture_features(model, images, ["linear"], batch_size=9, eval_mode="batch")
+    torch.testing.assert_close(nine["linear"], as_two_fives["linear"])  # 5 + 5, not 9 + 1
+    assert not torch.allclose(nine["linear"], per_sample)
+    diff = trigger_difference(model, images, _add_trigger(images), ["linear"], batch_size=9)
+    assert diff["linear"].shape == (10, 3, 6, 6)
+    with pytest.raises(ValueError, match=r"eval_mode='both'.*'running', 'batch'"):
+        capture_features(model, images, ["linear"], eval_mode="both")
 
 
 def test_a_str_of_stages_is_refused_not_split_into_letters() -> None:

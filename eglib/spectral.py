@@ -5,6 +5,14 @@ A feature batch (B, C, H, W) is read as the matrix A of shape (B, D = C*H*W), on
 sample. Spectra are computed in float64 through the Gram matrix of the smaller side
 (A A^T when D >= B), which is exact for the large singular values and puts a floor of about
 1e-8 * s_max under the small ones: far below the float32 precision of the features themselves.
+
+Centring: ranks are of the rows as they are (uncentred) unless `center=True`. Uncentred, the
+mean row is a direction like any other, so a shift shared by all rows (a trigger that only
+moves the mean) lowers the effective rank and the stable rank without changing the spread of
+the rows; `center=True` subtracts the column mean over rows first and measures that spread
+(as PCA does). The centred spectrum comes from the same Gram matrix, centred on both sides;
+its values below RANK_TOL * ||A||_F (round-off left by subtracting a large mean) count as zero,
+so rows equal up to round-off have centred rank 0. `RankTracker` records both.
 """
 
 from __future__ import annotations
@@ -67,12 +75,44 @@ def gram_eigh(
     return lam.flip(0).clamp_min(0).sqrt(), U.flip(1)
 
 
-def singular_values(A: torch.Tensor) -> torch.Tensor:
-    """Singular values (descending, float64, length min(B, D)) of a (B, ...) tensor's rows."""
+def singular_values(A: torch.Tensor, *, center: bool = False) -> torch.Tensor:
+    """Singular values (descending, float64, length min(B, D)) of a (B, ...) tensor's rows.
+
+    `center=True`: of the rows minus their mean (see the module docstring on centring).
+    """
+    if check_bool("center", center):
+        return uncentred_and_centred_spectra(A)[1]
     M = flatten_rows(A)
     if M.shape[1] >= M.shape[0]:
         return gram_eigh(M)[0]
     return gram_eigh(M.T)[0]
+
+
+def uncentred_and_centred_spectra(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (descending, float64) of a (B, ...) tensor's rows, and of the rows
+    minus their mean, from one float64 Gram matrix of the smaller side.
+
+    Centring the Gram costs O(min(B, D)^2) instead of a second O(B * D * min(B, D)) product:
+    (I - 11^T/B) A A^T (I - 11^T/B) when D >= B, else A^T A - B m m^T (m: the mean row).
+    Centred values below RANK_TOL * ||A||_F are round-off and come out as zero.
+    """
+    M = flatten_rows(A)
+    with torch.no_grad(), torch.autocast(M.device.type, enabled=False):
+        M = M.detach().to(torch.float64)
+        if M.shape[1] >= M.shape[0]:
+            gram = M @ M.T
+            row_mean = gram.mean(dim=1, keepdim=True)
+            centred = gram - row_mean - row_mean.T + gram.mean()
+        else:
+            gram = M.T @ M
+            mean = M.mean(dim=0, keepdim=True)
+            centred = gram - M.shape[0] * (mean.T @ mean)
+        if not bool(torch.isfinite(gram.diagonal()).all()):  # any NaN / inf in a row shows here
+            require_finite(M)
+        s = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
+        s_centred = torch.linalg.eigvalsh(centred).flip(0).clamp_min(0).sqrt()
+        floor = RANK_TOL * gram.diagonal().sum().sqrt()
+    return s, s_centred * (s_centred > floor)
 
 
 def _check_spectrum(s: torch.Tensor) -> None:
@@ -115,19 +155,24 @@ def stable_rank_of_spectrum(s: torch.Tensor) -> float:
     return float(s.square().sum() / top.square())
 
 
-def effective_rank(A: torch.Tensor) -> float:
+def effective_rank(A: torch.Tensor, *, center: bool = False) -> float:
     """Roy & Vetterli effective rank of a (B, ...) tensor's rows: exp of the entropy of s/sum(s).
 
     Between 1 (rank one) and min(B, D) (all singular values equal); 0 for a zero matrix;
     invariant to scaling A. It grows with the number of rows: compare groups at equal counts
-    (see `equal_count_subsample`).
+    (see `equal_count_subsample`). Uncentred by default: a shift shared by all rows lowers
+    it. `center=True` subtracts the column mean over rows first (0 when all rows are equal).
     """
-    return effective_rank_of_spectrum(singular_values(A))
+    return effective_rank_of_spectrum(singular_values(A, center=center))
 
 
-def stable_rank(A: torch.Tensor) -> float:
-    """Stable rank ||A||_F^2 / s_max^2 of a (B, ...) tensor's rows (0 for a zero matrix)."""
-    return stable_rank_of_spectrum(singular_values(A))
+def stable_rank(A: torch.Tensor, *, center: bool = False) -> float:
+    """Stable rank ||A||_F^2 / s_max^2 of a (B, ...) tensor's rows (0 for a zero matrix).
+
+    Uncentred by default (a large mean row makes s_max large and the stable rank near 1);
+    `center=True` subtracts the column mean over rows first (0 when all rows are equal).
+    """
+    return stable_rank_of_spectrum(singular_values(A, center=center))
 
 
 def top_right_basis(A: torch.Tensor, k: int, *, center: bool = False) -> torch.Tensor:
@@ -413,7 +458,10 @@ class RankTracker:
     is recorded as `rank_samples`). Features are captured with the guards' running estimates
     (see `capture_features`). Adds, per stage: `erank_clean/<stage>`,
     `erank_triggered/<stage>`, `erank_diff/<stage>` (features of f(x + t) - f(x)) and the
-    same three with `srank_` (stable rank).
+    same three with `srank_` (stable rank), all uncentred; then the centred ranks (column mean
+    over the rows subtracted first: blind to a shift of the mean) under
+    `erank_centred_<group>/<stage>` and `srank_centred_<group>/<stage>`. Both come from one
+    Gram matrix per group (`uncentred_and_centred_spectra`).
     """
 
     def __init__(
@@ -441,13 +489,17 @@ class RankTracker:
         self.n_samples = count
 
     def on_epoch_end(self, model: StagedNet, epoch: int, row: dict[str, float]) -> None:
-        """Add six rank values per stage (and `rank_samples`) to the epoch's history row."""
+        """Add twelve rank values per stage (and `rank_samples`) to the epoch's history row."""
         features = _paired_features(
             model, self.clean, self.triggered, self.stages, self.batch_size, None
         )
         row["rank_samples"] = float(self.n_samples)
+        centred: dict[str, float] = {}  # after the uncentred keys: their columns keep their place
         for stage, groups in features.items():
             for group, feats in zip(("clean", "triggered", "diff"), groups, strict=True):
-                s = singular_values(feats)
+                s, s_centred = uncentred_and_centred_spectra(feats)
                 row[f"erank_{group}/{stage}"] = effective_rank_of_spectrum(s)
                 row[f"srank_{group}/{stage}"] = stable_rank_of_spectrum(s)
+                centred[f"erank_centred_{group}/{stage}"] = effective_rank_of_spectrum(s_centred)
+                centred[f"srank_centred_{group}/{stage}"] = stable_rank_of_spectrum(s_centred)
+        row.update(centred)

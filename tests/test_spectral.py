@@ -280,6 +280,61 @@ def test_bad_spectra_and_batches_are_refused_by_name(monkeypatch: pytest.MonkeyP
         top_right_basis(A, 2)
 
 
+@pytest.mark.parametrize("shape", [(40, 60), (60, 8)])
+def test_centred_ranks_ignore_a_constant_offset(shape: tuple[int, int]) -> None:
+    """Ranks were computed only uncentred, undocumented: a trigger that only shifts the mean
+    of the features lowered the effective rank, so 'poisoned features are low rank' could be
+    a mean-shift artefact. `center=True` subtracts the column mean over rows first."""
+    n, d = shape
+    A = torch.randn(n, d, generator=_gen(20))
+    shifted = A + 5.0 * torch.randn(1, d, generator=_gen(21))  # every row moved the same way
+    centred = A.double() - A.double().mean(0)
+    for rank_of, want in (
+        (effective_rank, spectral.effective_rank_of_spectrum),
+        (stable_rank, spectral.stable_rank_of_spectrum),
+    ):
+        assert rank_of(A) == pytest.approx(want(torch.linalg.svdvals(A.double())), rel=1e-9)
+        assert rank_of(A, center=True) == pytest.approx(
+            want(torch.linalg.svdvals(centred)), rel=1e-9
+        )
+        assert rank_of(shifted, center=True) == pytest.approx(rank_of(A, center=True), rel=1e-5)
+        assert rank_of(shifted) < 0.5 * rank_of(A)  # uncentred: the offset dominates
+        # rows equal up to round-off: centring leaves noise, whose rank is not the data's
+        same_rows = torch.randn(1, d, generator=_gen(22)).expand(n, -1) + 1e3
+        assert rank_of(same_rows, center=True) == 0.0
+        assert rank_of(torch.zeros(4, 5), center=True) == 0.0
+        with pytest.raises(ValueError, match="center='yes'"):
+            rank_of(A, center="yes")  # type: ignore[arg-type]
+
+
+def test_rank_tracker_records_centred_ranks_beside_the_uncentred_ones() -> None:
+    model = _tiny_net()
+    clean = _images(40)
+    tracker = RankTracker(clean, _add_trigger(clean), ["linear", "relu"], n_samples=16, seed=0)
+    row: dict[str, float] = {}
+    tracker.on_epoch_end(model, 1, row)
+    rows = equal_count_subsample([40], count=16, seed=0)[0]
+    clean_feats = capture_features(model, clean[rows], ["relu"])["relu"]
+    diff = trigger_difference(model, clean[rows], _add_trigger(clean[rows]), ["relu"])["relu"]
+    for group, feats in (("clean", clean_feats), ("diff", diff)):
+        assert row[f"erank_{group}/relu"] == pytest.approx(effective_rank(feats), rel=1e-6)
+        assert row[f"erank_centred_{group}/relu"] == pytest.approx(
+            effective_rank(feats, center=True), rel=1e-6
+        )
+        assert row[f"srank_{group}/relu"] == pytest.approx(stable_rank(feats), rel=1e-6)
+        assert row[f"srank_centred_{group}/relu"] == pytest.approx(
+            stable_rank(feats, center=True), rel=1e-6
+        )
+    assert row["erank_centred_clean/relu"] != pytest.approx(row["erank_clean/relu"], rel=1e-3)
+    # a linear stage's f(x + t) - f(x) is one vector repeated: rank one, nothing once centred
+    assert row["erank_diff/linear"] == pytest.approx(1.0, abs=1e-3)
+    assert row["erank_centred_diff/linear"] == 0.0
+    measures = ("erank", "srank", "erank_centred", "srank_centred")
+    groups = ("clean", "triggered", "diff")
+    want = {f"{m}_{g}/{s}" for m in measures for g in groups for s in ("linear", "relu")}
+    assert set(row) == want | {"rank_samples"}
+
+
 def test_capture_features_uses_near_equal_batches_and_the_running_guards() -> None:
     """The last batch of range(0, N, batch_size) could hold 1 row: a guard filtering batch-wise
     then raised (B=1) or gave features that depended on batch_size. Batches are now near-equal

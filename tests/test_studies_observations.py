@@ -447,3 +447,38 @@ def test_recorded_commands_parse_and_options_are_the_clis(tmp_path: Path) -> Non
         a.dest for a in build_parser()._subparsers._group_actions[0].choices["figures"]._actions
     }
     assert {o if o != "detection" else "no_detection" for o in FIGURES_OPTIONS} <= flags
+
+
+def test_rank_vs_asr_keeps_the_centred_ranks_and_draws_them_when_recorded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The tracker records centred ranks beside the uncentred ones (a trigger that only
+    shifts the mean lowers the uncentred rank): the study's rows keep them and, when the
+    runs carry them, a 'centred' figure shows them; runs cached before carry none."""
+    history = _history(3)
+    for row in history:
+        for stage in CNN_STAGES:
+            for group in ("clean", "triggered", "diff"):
+                row[f"erank_centred_{group}/{stage}"] = 60.0 + row["epoch"]
+                row[f"srank_centred_{group}/{stage}"] = 30.0
+    rows = rank_vs_asr.history_rows("badnets", history)
+    assert rows[0]["erank_centred_diff/layer2"] == 61.0
+    assert rows[0]["srank_centred_clean/stem"] == 30.0
+    assert sum("_centred_" in k for k in rows[0]) == 2 * 3 * len(CNN_STAGES)
+
+    for hist, want in ((history, {"", "stable", "centred"}), (_history(3), {"", "stable"})):
+        monkeypatch.setattr(
+            rank_vs_asr,
+            "run_experiment",
+            lambda cfg, progress=True, hist=hist: SimpleNamespace(record={"history": hist}),
+        )
+        result = rank_vs_asr.run("ci", progress=False)
+        assert result.notes["centred_ranks"] is (want == {"", "stable", "centred"})
+        assert "uncentred" in result.notes["centring"]
+        figs = rank_vs_asr.figures(result)
+        assert set(figs) == want
+    result.rows[:] = rows
+    centred = rank_vs_asr.figures(result)["centred"]
+    line = centred.axes[0].get_lines()[0]  # clean f(x) of the first stage
+    assert list(line.get_ydata()) == [61.0, 62.0, 63.0]
+    assert "centred" in centred.axes[0].get_ylabel()

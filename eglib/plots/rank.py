@@ -14,7 +14,13 @@ from eglib.plots.common import use_style
 
 RANK_GROUPS = ("clean", "triggered", "diff")
 GROUP_LABELS = {"clean": "clean f(x)", "triggered": "triggered f(x+t)", "diff": "f(x+t) - f(x)"}
-MEASURES = {"erank": "effective rank", "srank": "stable rank"}
+# uncentred (as recorded since the start) and centred (column mean over rows subtracted first)
+MEASURES = {
+    "erank": "effective rank",
+    "srank": "stable rank",
+    "erank_centred": "effective rank (centred)",
+    "srank_centred": "stable rank (centred)",
+}
 
 
 def rank_stages(rows: Sequence[dict[str, Any]], measure: str = "erank") -> list[str]:

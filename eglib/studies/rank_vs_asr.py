@@ -1,5 +1,10 @@
 """Observation 1: effective (and stable) rank of clean, triggered and difference features at
-every stage of cnn-small, per epoch, next to ACC and ASR, for dirty- and clean-label attacks."""
+every stage of cnn-small, per epoch, next to ACC and ASR, for dirty- and clean-label attacks.
+
+`erank_<group>/<stage>` and `srank_<group>/<stage>` are uncentred; runs trained since the
+tracker records them also carry `erank_centred_...` and `srank_centred_...` (the column mean
+over rows subtracted first), which a shift of the mean alone cannot lower.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from eglib.data import dataset_info
 from eglib.experiments import ExperimentConfig, run_experiment
 from eglib.models import make_model
 from eglib.plots import rank_curves
+from eglib.plots.rank import rank_stages
 from eglib.studies.base import StudyResult, attack_rate
 
 NAME = "rank_vs_asr"
@@ -26,7 +32,11 @@ ATTACKS: dict[str, tuple[str, ...]] = {
     "lite": ("badnets", "blend"),
     "full": ("badnets", "blend", "sig"),
 }
-RANK_PREFIXES = ("erank_", "srank_")
+RANK_PREFIXES = ("erank_", "srank_")  # uncentred and centred (`erank_centred_...`) alike
+CENTRING = (
+    "erank_/srank_<group>/<stage>: uncentred (a shift shared by all rows lowers them); "
+    "erank_centred_/srank_centred_<group>/<stage>: column mean over rows subtracted first"
+)
 
 
 def model_stages(model: str = MODEL, dataset: str = DATASET) -> tuple[str, ...]:
@@ -55,7 +65,8 @@ def config_for(attack: str, profile: str | None = None) -> ExperimentConfig:
 
 def history_rows(attack: str, history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Table rows of one run's per-epoch history: attack, epoch, loss, acc, asr, rank_samples
-    and every `erank_<group>/<stage>` and `srank_<group>/<stage>` value."""
+    and every `erank_<group>/<stage>` and `srank_<group>/<stage>` value, with the centred
+    `erank_centred_<group>/<stage>` and `srank_centred_<group>/<stage>` where recorded."""
     rows = []
     for entry in history:
         missing = [k for k in ("epoch", "acc", "asr") if k not in entry]
@@ -100,13 +111,19 @@ def run(
             "poison_rate": {attack: attack_rate(attack) for attack in chosen},
             "stages": list(model_stages()),
             "rank_samples_per_group": counts,
+            "centring": CENTRING,
+            "centred_ranks": bool(rank_stages(rows, "erank_centred")),  # False: cached before
         },
     )
 
 
 def figures(result: StudyResult) -> dict[str, Figure]:
-    """The effective-rank figure ('') and the stable-rank one ('stable')."""
-    return {
+    """The effective-rank figure (''), the stable-rank one ('stable') and, when the runs
+    recorded it, the centred effective rank ('centred')."""
+    figs = {
         "": rank_curves(result.rows, measure="erank"),
         "stable": rank_curves(result.rows, measure="srank"),
     }
+    if rank_stages(result.rows, "erank_centred"):
+        figs["centred"] = rank_curves(result.rows, measure="erank_centred")
+    return figs

@@ -239,3 +239,31 @@ def test_example_pairs_grid() -> None:
         example_pairs(*shown, ["only one"])
     with pytest.raises(ValueError, match="equal-shape"):
         example_pairs(shown[0], shown[1][:2], shown[2])
+
+
+def _tsne_record(classes: np.ndarray) -> dict[str, Any]:
+    poisoned = np.zeros(len(classes), dtype=bool)
+    poisoned[-3:] = True
+    xy = np.random.default_rng(0).normal(size=(len(classes), 2))
+    return {"attack": "a", "stage": "s", "space": "tail", "xy": xy, "classes": classes,
+            "poisoned": poisoned}  # fmt: skip
+
+
+def test_projection_tsne_gives_each_of_more_than_ten_classes_its_own_colour() -> None:
+    """With `palette[c % 10]`, classes 0, 10 and 20 of CIFAR-100 / GTSRB shared a colour
+    under a legend that says 'colour = class'."""
+    classes = np.arange(45) % 43  # GTSRB: 43 classes; the last 3 rows are the triggered ones
+    fig = projection_tsne([_tsne_record(classes)])
+    clean, _ = [c for c in fig.axes[0].collections if isinstance(c, PathCollection)]
+    rgb = [tuple(np.round(c[:3], 6)) for c in clean.get_facecolors()]
+    assert len(set(rgb)) == 42  # rows 0..41 are clean, one colour per class
+    assert len({rgb[0], rgb[10], rgb[20], rgb[30], rgb[40]}) == 5
+    plt.close(fig)
+    # ten classes or fewer keep the tab10 look
+    fig = projection_tsne([_tsne_record(np.arange(13) % 10)])
+    clean, _ = [c for c in fig.axes[0].collections if isinstance(c, PathCollection)]
+    tab10 = matplotlib.colormaps["tab10"].colors
+    np.testing.assert_allclose(clean.get_facecolors()[:10, :3], np.asarray(tab10)[:10])
+    plt.close(fig)
+    with pytest.raises(ValueError, match="classes"):
+        projection_tsne([_tsne_record(np.array([0, -1, 2, 3]))])

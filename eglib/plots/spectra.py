@@ -105,19 +105,39 @@ def _mixed_label(records: Sequence[dict[str, Any]]) -> str:
     return f"mixed ({poisoned} of {rows} rows triggered)"
 
 
+def class_palette(n_classes: int) -> list[tuple[float, float, float]]:
+    """One distinct colour per class: tab10 up to 10 classes, tab20 up to 20, else husl hues."""
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
+        raise ValueError(f"n_classes={n_classes!r}; must be an int >= 1")
+    if n_classes <= 10:
+        return list(sns.color_palette("tab10", 10))[:n_classes]
+    if n_classes <= 20:
+        return list(sns.color_palette("tab20", 20))[:n_classes]
+    return list(sns.color_palette("husl", n_classes))  # evenly spaced hues, equal lightness
+
+
 def projection_tsne(records: Sequence[dict[str, Any]], *, title: str | None = None) -> Figure:
     """t-SNE scatter per (attack, stage) and space (top-k | tail): colour = class, x = poisoned.
 
     `records`: dicts with `attack`, `stage`, `space` ('top' or 'tail'), `xy` (n, 2),
-    `classes` (n,) true (source) classes, `poisoned` (n,) bools, and optionally `caption`
-    (text under the panel title, e.g. the separation scores).
+    `classes` (n,) true (source) classes (ints >= 0), `poisoned` (n,) bools, and optionally
+    `caption` (text under the panel title, e.g. the separation scores). Colours come from
+    `class_palette` sized to the largest class + 1, the same in every panel.
     """
     if not records:
         raise ValueError("no t-SNE records to plot")
     panels = list(dict.fromkeys((str(r["attack"]), str(r["stage"])) for r in records))
     spaces = list(dict.fromkeys(str(r["space"]) for r in records))
+    all_classes = np.concatenate([np.asarray(r["classes"]).reshape(-1) for r in records])
+    if all_classes.size and (
+        not np.issubdtype(all_classes.dtype, np.integer) or all_classes.min() < 0
+    ):
+        raise ValueError(
+            f"classes must be integers >= 0; got dtype {all_classes.dtype}, "
+            f"min {all_classes.min()!r}"
+        )
+    palette = class_palette(int(all_classes.max()) + 1 if all_classes.size else 1)
     fig, axes = _grid(len(panels), len(spaces), 3.8, 3.6)
-    palette = sns.color_palette("tab10", 10)
     for rec in records:
         ax = axes[
             panels.index((str(rec["attack"]), str(rec["stage"]))), spaces.index(str(rec["space"]))
@@ -125,7 +145,7 @@ def projection_tsne(records: Sequence[dict[str, Any]], *, title: str | None = No
         xy = np.asarray(rec["xy"], dtype=float)
         classes = np.asarray(rec["classes"], dtype=int)
         poisoned = np.asarray(rec["poisoned"], dtype=bool)
-        colors = [palette[c % 10] for c in classes]
+        colors = [palette[c] for c in classes]
         ax.scatter(
             xy[~poisoned, 0],
             xy[~poisoned, 1],

@@ -101,7 +101,7 @@ def predict_batches(
     return torch.cat(preds).cpu()
 
 
-def _even_batches(images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...]:
+def even_batches(images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...]:
     """Split into ceil(N / batch_size) consecutive batches whose sizes differ by at most one."""
     return torch.tensor_split(images, math.ceil(images.shape[0] / batch_size))
 
@@ -121,7 +121,7 @@ def predict(
     _check_batch_size(batch_size)
     dev = torch.device(device) if device is not None else _model_device(model)
     model.to(dev)
-    return predict_batches(model, _even_batches(images, batch_size), dev)
+    return predict_batches(model, even_batches(images, batch_size), dev)
 
 
 def _acc(preds: torch.Tensor, labels: torch.Tensor) -> float:
@@ -308,8 +308,8 @@ def evaluate_protocols(
     )
 
     def pure() -> dict[str, float]:
-        clean = predict_batches(model, _even_batches(clean_images, batch_size), dev)
-        trig = predict_batches(model, _even_batches(trig_x, batch_size), dev)
+        clean = predict_batches(model, even_batches(clean_images, batch_size), dev)
+        trig = predict_batches(model, even_batches(trig_x, batch_size), dev)
         return {"acc": _acc(clean, clean_labels), "asr": _acc(trig, target)}
 
     with guards_eval_mode(model, "running"):

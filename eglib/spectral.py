@@ -17,7 +17,6 @@ so rows equal up to round-off have centred rank 0. `RankTracker` records both.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -323,7 +322,7 @@ def capture_features(
     ('penultimate': the map the classifier pools, see `StagedNet.feature_module`).
 
     Hooks `model.feature_module(name)` (the guard after a stage when there is one), runs
-    the model in eval mode without gradients and restores its train/eval mode afterwards; the
+    the model in eval mode without gradients and restores each module's train/eval mode; the
     forward pass stops once every requested stage has been seen. `device` None: the model's
     device; otherwise the model is moved there. Unknown name -> KeyError listing the valid ones.
 
@@ -332,7 +331,7 @@ def capture_features(
     features do not depend on the batching; 'batch': each batch filtered as a whole), restored
     afterwards.
     """
-    from eglib.evaluate import guards_eval_mode  # eglib.guard imports this module
+    from eglib.evaluate import evaluating, even_batches, guards_eval_mode  # guard imports us
     from eglib.guard import EVAL_MODES
 
     names = _stage_names(stages)
@@ -354,12 +353,9 @@ def capture_features(
         return hook
 
     handles = [module.register_forward_hook(hook_for(name)) for name, module in modules.items()]
-    was_training = model.training
-    model.eval()
-    batches = torch.tensor_split(images_uint8, math.ceil(len(images_uint8) / batch_size))
     try:
-        with torch.no_grad(), guards_eval_mode(model, eval_mode):
-            for batch in batches:
+        with evaluating(model), guards_eval_mode(model, eval_mode):
+            for batch in even_batches(images_uint8, batch_size):
                 current.clear()
                 try:
                     model(to_float(batch.to(dev)))
@@ -370,7 +366,6 @@ def capture_features(
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return {name: torch.cat(parts) for name, parts in collected.items()}
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from eglib import spectral
 from eglib.guard import insert_guard
+from eglib.models import make_model
 from eglib.models.base import StagedNet, StageInfo
 from eglib.spectral import (
     RankTracker,
@@ -421,3 +422,14 @@ def test_empty_spectra_and_numpy_k() -> None:
         top_right_basis(A, True)
     with pytest.raises(ValueError, match=r"k=np.int64\(9\); must be an integer in \[1, 5\]"):
         top_right_basis(A, np.int64(9))
+
+
+def test_capturing_features_leaves_each_submodule_in_its_own_mode() -> None:
+    """capture_features restored the model's flag with model.train(flag), which sets every
+    submodule: a training model with a frozen (eval-mode) BatchNorm came back with it in
+    train mode, so its running statistics moved on the next batch."""
+    torch.manual_seed(0)
+    net = make_model("cnn-small", 10, in_channels=1).train()
+    frozen = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)][0].eval()
+    capture_features(net, torch.zeros(4, 1, 28, 28, dtype=torch.uint8), ["layer1"])
+    assert net.training and not frozen.training

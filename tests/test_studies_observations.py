@@ -24,7 +24,7 @@ from eglib.experiments import ExperimentData
 from eglib.models import make_model
 from eglib.poison import backdoor_testset, make_attack
 from eglib.spectral import top_right_basis
-from eglib.studies import StudyResult, make_figures, rank_vs_asr, spectra
+from eglib.studies import StudyResult, centring, make_figures, rank_vs_asr, spectra
 from eglib.studies.defence_table import table_config
 from eglib.studies.metrics import (
     energy_fraction,
@@ -482,3 +482,40 @@ def test_rank_vs_asr_keeps_the_centred_ranks_and_draws_them_when_recorded(
     line = centred.axes[0].get_lines()[0]  # clean f(x) of the first stage
     assert list(line.get_ydata()) == [61.0, 62.0, 63.0]
     assert "centred" in centred.axes[0].get_ylabel()
+
+
+# ----------------------------------------------------------------------------------------------
+# centring: observation 1 on trained models, both conventions
+# ----------------------------------------------------------------------------------------------
+
+
+def test_group_ranks_tell_a_mean_shift_from_a_low_rank_trigger() -> None:
+    """A trigger that adds one vector to every row lowers the uncentred effective rank only;
+    one that collapses the rows onto few directions lowers both."""
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(200, 300, generator=g, dtype=torch.float64)
+    shifted = clean + 20 * torch.randn(300, generator=g, dtype=torch.float64)
+    shift = centring.group_ranks(clean, shifted)
+    assert shift["ratio_uncentred"] < 0.6 and shift["ratio_centred"] == pytest.approx(1.0)
+    assert shift["erank_centred_diff"] == 0.0  # f(x+t) - f(x): one vector, no spread
+    assert shift["diff_ratio_uncentred"] < 0.01 and shift["diff_ratio_centred"] == 0.0
+    basis = random_basis(300, 3, seed=1)
+    collapsed = clean @ basis @ basis.T  # the rows keep 3 of their 300 directions
+    low = centring.group_ranks(clean, collapsed)
+    assert low["ratio_uncentred"] < 0.1 and low["ratio_centred"] < 0.1
+    with pytest.raises(ValueError, match="features of other shapes"):
+        centring.group_ranks(clean, clean[:10])
+
+
+def test_centring_run_measures_every_stage_and_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(centring, "run_experiment", _fake_spectra_result)
+    result = centring.run("ci", progress=False, attacks=("badnets", "blend"))
+    assert [(r["attack"], r["stage"]) for r in result.rows] == [
+        (a, s) for a in ("badnets", "blend") for s in CNN_STAGES
+    ]
+    assert {r["rows"] for r in result.rows} == {63}  # the non-target images, equal counts
+    assert {"erank_clean", "erank_centred_triggered", "srank_centred_diff"} <= set(result.rows[0])
+    figs = centring.figures(result)
+    assert len(figs[""].axes) == 4  # (triggered, diff) / clean x (uncentred, centred)
+    with pytest.raises(ValueError, match="no undefended 'ci' table model is cached"):
+        centring.run("ci", progress=False, cached_only=True)

@@ -2,7 +2,7 @@
 
 from eglib.plots.common import PROTOCOL_LABELS, PROTOCOLS, protocol_label, save_figure, use_style
 from eglib.plots.gallery import attack_gallery, example_pairs, smooth_colour_images
-from eglib.plots.rank import rank_curves
+from eglib.plots.rank import rank_curves, rank_ratio_bars
 from eglib.plots.spectra import projection_tsne, separation_summary, singular_spectra
 from eglib.plots.sweeps import metric_vs_param
 from eglib.plots.tables import (
@@ -31,6 +31,7 @@ __all__ = [
     "projection_tsne",
     "protocol_heatmaps",
     "rank_curves",
+    "rank_ratio_bars",
     "save_figure",
     "separation_summary",
     "singular_spectra",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
 import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -100,4 +103,45 @@ def rank_curves(
         y=1.0,
     )
     fig.tight_layout(rect=(0, 0.05, 1, 0.98))
+    return fig
+
+
+def rank_ratio_bars(rows: Sequence[dict[str, Any]], conventions: Sequence[str]) -> Figure:
+    """A grid of bars: rows `ratio_<convention>` (erank triggered / clean) and
+    `diff_ratio_<convention>` (erank of f(x+t) - f(x) / clean), a column per convention; per
+    stage (x) and attack (hue), the mean over seeds (error bar: their sd); dashes at 1."""
+    if not rows:
+        raise ValueError("no rows to plot")
+    kinds = {"ratio": "triggered / clean", "diff_ratio": "f(x+t) - f(x) / clean"}
+    needed = [f"{kind}_{c}" for kind in kinds for c in conventions]
+    missing = [name for name in needed if name not in rows[0]]
+    if missing:
+        raise ValueError(f"rows lack {missing}; they have {sorted(rows[0])}")
+    use_style()
+    data = pd.DataFrame(list(rows))
+    fig, axes = plt.subplots(
+        len(kinds), len(conventions), figsize=(5.5 * len(conventions), 6.6), sharey="row"
+    )
+    axes = np.asarray(axes).reshape(len(kinds), len(conventions))
+    for (i, (kind, label)), (j, convention) in itertools.product(
+        enumerate(kinds.items()), enumerate(conventions)
+    ):
+        ax = axes[i, j]
+        sns.barplot(
+            data=data, x="stage", y=f"{kind}_{convention}", hue="attack", errorbar="sd", ax=ax
+        )
+        ax.axhline(1.0, color="0.3", lw=1, ls="--")
+        ax.set_title(f"{convention} features", fontsize="medium")
+        ax.set_ylabel(f"effective rank:\n{label}")
+        ax.set_xlabel("stage" if i == len(kinds) - 1 else "")
+        legend = ax.get_legend()
+        if legend is not None:
+            legend.remove()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.955), ncol=len(labels))
+    rows_per_group = data["rows"].iloc[0]
+    fig.suptitle(
+        f"Triggered features' effective rank, uncentred vs centred ({rows_per_group} rows)", y=0.995
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     return fig

@@ -32,10 +32,12 @@ from eglib.sweep import write_csv
 STUDIES: dict[str, Study] = {
     "rank_vs_asr": rank_vs_asr,  # observation 1: effective rank per epoch next to ACC / ASR
     "spectra": spectra,  # observation 2: singular spectra, top-k vs tail t-SNE, energy fractions
-    "centring": centring,  # observation 1 on trained models, uncentred and centred ranks
     "forced_dimension": forced_dimension,  # observation 3: ASR/ACC vs k per rule + the default
     "ablations": ablations,  # layer, k, tail factor, rule, poison rate, eval mode, architecture
     "defence_table": defence_table,  # attacks x defences (ACC/ASR, 3 protocols) + detection
+    # observation 1 on the table's trained undefended models, uncentred and centred ranks
+    # (after the table, whose sweep trains those runs in parallel)
+    "centring": centring,
     "adaptive": adaptive,  # high-rank and adversarial-noise attacks: trigger rank vs ASR/ACC
 }
 

@@ -537,6 +537,22 @@ def take_subset(
     return images[chosen.to(images.device)], labels[chosen.to(labels.device)]
 
 
+def check_uint8_images(images: torch.Tensor, name: str = "images") -> None:
+    """ValueError unless `images` is a non-empty uint8 (N, C, H, W) tensor."""
+    if (
+        not isinstance(images, torch.Tensor)
+        or images.dtype != torch.uint8
+        or images.dim() != 4
+        or len(images) == 0
+    ):
+        got = (
+            f"{images.dtype} {tuple(images.shape)}"
+            if isinstance(images, torch.Tensor)
+            else type(images).__name__
+        )
+        raise ValueError(f"{name} must be non-empty uint8 (N, C, H, W); got {got}")
+
+
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float32 in [0, 1] on the same device (what models take)."""
     if images.dtype != torch.uint8:

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from eglib.data import to_float
+from eglib.data import check_uint8_images, to_float
 from eglib.params import check_float, check_int
 
 # The batches of the 'mixed' and 'pure' protocols (a batch-wise guard's ACC and ASR depend on
@@ -55,15 +55,6 @@ def _model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (CPU for a model without parameters)."""
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
-
-
-def _check_images(images: torch.Tensor, name: str = "images") -> None:
-    if images.dtype != torch.uint8 or images.dim() != 4:
-        raise ValueError(
-            f"{name} must be uint8 (N, C, H, W); got {images.dtype} {tuple(images.shape)}"
-        )
-    if images.shape[0] == 0:
-        raise ValueError(f"{name} is empty (N=0)")
 
 
 def _check_labels(labels: torch.Tensor, n: int, name: str) -> None:
@@ -117,7 +108,7 @@ def predict(
 
     `device` None: the model's device; otherwise the model is moved there.
     """
-    _check_images(images)
+    check_uint8_images(images)
     _check_batch_size(batch_size)
     dev = torch.device(device) if device is not None else _model_device(model)
     model.to(dev)
@@ -148,7 +139,7 @@ def accuracy(
     device: str | torch.device | None = None,
 ) -> float:
     """Fraction of uint8 `images` classified as `labels` (int64 (N,))."""
-    _check_images(images)
+    check_uint8_images(images)
     _check_labels(labels, images.shape[0], "labels")
     return _acc(predict(model, images, batch_size=batch_size, device=device), labels)
 
@@ -165,7 +156,7 @@ def attack_success_rate(
     """Fraction of triggered images classified as their target, among those whose source
     label differs from the target; the others are left out before predicting (ValueError if
     none is left)."""
-    _check_images(triggered_images, "triggered_images")
+    check_uint8_images(triggered_images, "triggered_images")
     n = triggered_images.shape[0]
     _check_labels(target_labels, n, "target_labels")
     _check_labels(source_labels, n, "source_labels")
@@ -282,10 +273,10 @@ def evaluate_protocols(
     no guard predicts each image independently of its batch, so its three protocols are the
     per-sample numbers, computed once (the mixed batches are ~10x the test set at 10 %).
     """
-    _check_images(clean_images, "clean_images")
+    check_uint8_images(clean_images, "clean_images")
     _check_labels(clean_labels, clean_images.shape[0], "clean_labels")
     trig_x, target, source = triggered.images, triggered.labels, triggered.source_labels
-    _check_images(trig_x, "triggered.images")
+    check_uint8_images(trig_x, "triggered.images")
     _check_labels(target, trig_x.shape[0], "triggered.labels")
     _check_labels(source, trig_x.shape[0], "triggered.source_labels")
     if trig_x.shape[1:] != clean_images.shape[1:]:

@@ -283,9 +283,11 @@ def stale_base_model(record: dict[str, Any]) -> str | None:
     """The key of the undefended run a cached record started from (`poisoned_model_from`)
     when that run has been retrained since (its model digest changed), else None."""
     base = record.get("poisoned_model_from")
-    if base is None or not (run_dir(base) / RECORD_FILE).exists():
+    path = None if base is None else run_dir(base) / RECORD_FILE
+    if path is None or not path.exists():
         return None
-    return base if _model_digest_of(base) != record.get("poisoned_model_digest") else None
+    retrained = read_json(path).get(MODEL_DIGEST) != record.get("poisoned_model_digest")
+    return base if retrained else None
 
 
 def cached_record(cfg: ExperimentConfig) -> dict[str, Any] | None:

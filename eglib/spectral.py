@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from eglib.data import to_float
+from eglib.data import check_uint8_images, to_float
 from eglib.models.base import StagedNet
 from eglib.params import check_bool, check_choice, check_integer
 
@@ -112,6 +112,19 @@ def uncentred_and_centred_spectra(A: torch.Tensor) -> tuple[torch.Tensor, torch.
         s_centred = torch.linalg.eigvalsh(centred).flip(0).clamp_min(0).sqrt()
         floor = RANK_TOL * gram.diagonal().sum().sqrt()
     return s, s_centred * (s_centred > floor)
+
+
+def spectrum_ranks(A: torch.Tensor) -> dict[str, float]:
+    """Effective and stable rank of a (B, ...) tensor's rows, uncentred and centred, from one
+    Gram matrix (`uncentred_and_centred_spectra`): keys erank, srank, erank_centred,
+    srank_centred."""
+    s, s_centred = uncentred_and_centred_spectra(A)
+    return {
+        "erank": effective_rank_of_spectrum(s),
+        "srank": stable_rank_of_spectrum(s),
+        "erank_centred": effective_rank_of_spectrum(s_centred),
+        "srank_centred": stable_rank_of_spectrum(s_centred),
+    }
 
 
 def _check_spectrum(s: torch.Tensor) -> None:
@@ -293,22 +306,6 @@ def _stage_names(stages: Sequence[str]) -> list[str]:
     return names
 
 
-def _check_images(images: torch.Tensor, name: str = "images") -> None:
-    """ValueError unless `images` is a non-empty uint8 (N, C, H, W) tensor."""
-    if (
-        not isinstance(images, torch.Tensor)
-        or images.dtype != torch.uint8
-        or images.dim() != 4
-        or len(images) == 0
-    ):
-        got = (
-            f"{images.dtype} {tuple(images.shape)}"
-            if isinstance(images, torch.Tensor)
-            else type(images).__name__
-        )
-        raise ValueError(f"{name} must be non-empty uint8 (N, C, H, W); got {got}")
-
-
 def capture_features(
     model: StagedNet,
     images_uint8: torch.Tensor,
@@ -335,7 +332,7 @@ def capture_features(
     from eglib.guard import EVAL_MODES
 
     names = _stage_names(stages)
-    _check_images(images_uint8)
+    check_uint8_images(images_uint8)
     batch_size = check_integer("batch_size", batch_size, 1)
     check_choice("eval_mode", eval_mode, EVAL_MODES)
     modules = {name: model.feature_module(name) for name in names}
@@ -468,8 +465,8 @@ class RankTracker:
         seed: int = 0,
         batch_size: int = 256,
     ) -> None:
-        _check_images(clean_images, "clean_images")
-        _check_images(triggered_images, "triggered_images")
+        check_uint8_images(clean_images, "clean_images")
+        check_uint8_images(triggered_images, "triggered_images")
         if clean_images.shape != triggered_images.shape:
             raise ValueError(
                 f"clean and triggered images must pair up row by row; got shapes "
@@ -492,9 +489,7 @@ class RankTracker:
         centred: dict[str, float] = {}  # after the uncentred keys: their columns keep their place
         for stage, groups in features.items():
             for group, feats in zip(("clean", "triggered", "diff"), groups, strict=True):
-                s, s_centred = uncentred_and_centred_spectra(feats)
-                row[f"erank_{group}/{stage}"] = effective_rank_of_spectrum(s)
-                row[f"srank_{group}/{stage}"] = stable_rank_of_spectrum(s)
-                centred[f"erank_centred_{group}/{stage}"] = effective_rank_of_spectrum(s_centred)
-                centred[f"srank_centred_{group}/{stage}"] = stable_rank_of_spectrum(s_centred)
+                for measure, value in spectrum_ranks(feats).items():
+                    into = centred if measure.endswith("_centred") else row
+                    into[f"{measure}_{group}/{stage}"] = value
         row.update(centred)

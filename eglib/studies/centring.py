@@ -22,13 +22,7 @@ from tqdm.auto import tqdm
 from eglib.config import get_profile
 from eglib.experiments import MODEL_FILE, ExperimentConfig, is_cached, run_dir, run_experiment
 from eglib.plots import rank_ratio_bars
-from eglib.spectral import (
-    capture_features,
-    effective_rank_of_spectrum,
-    equal_count_subsample,
-    stable_rank_of_spectrum,
-    uncentred_and_centred_spectra,
-)
+from eglib.spectral import capture_features, equal_count_subsample, spectrum_ranks
 from eglib.studies.base import StudyResult
 from eglib.studies.defence_table import table_config
 from eglib.studies.spectra import SETTINGS
@@ -49,14 +43,10 @@ def group_ranks(clean: torch.Tensor, triggered: torch.Tensor) -> dict[str, float
         raise ValueError(f"features of other shapes: {shapes}; need the same images' features")
     row: dict[str, float] = {}
     for group, feats in zip(GROUPS, (clean, triggered, triggered - clean), strict=True):
-        for convention, s in zip(CONVENTIONS, uncentred_and_centred_spectra(feats), strict=True):
-            tag = "" if convention == "uncentred" else "centred_"
-            row[f"erank_{tag}{group}"] = effective_rank_of_spectrum(s)
-            row[f"srank_{tag}{group}"] = stable_rank_of_spectrum(s)
-    for convention in CONVENTIONS:
-        tag = "" if convention == "uncentred" else "centred_"
-        row[f"ratio_{convention}"] = row[f"erank_{tag}triggered"] / row[f"erank_{tag}clean"]
-        row[f"diff_ratio_{convention}"] = row[f"erank_{tag}diff"] / row[f"erank_{tag}clean"]
+        row.update({f"{m}_{group}": v for m, v in spectrum_ranks(feats).items()})
+    for convention, erank in zip(CONVENTIONS, ("erank", "erank_centred"), strict=True):
+        row[f"ratio_{convention}"] = row[f"{erank}_triggered"] / row[f"{erank}_clean"]
+        row[f"diff_ratio_{convention}"] = row[f"{erank}_diff"] / row[f"{erank}_clean"]
     return row
 
 

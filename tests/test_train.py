@@ -250,6 +250,32 @@ def test_eval_fn_and_callbacks_add_keys() -> None:
     assert [row["val_acc"] for row in history] == [0.5, 0.5]
 
 
+TWO_EPOCHS = TrainSettings(epochs=2, batch_size=32)
+
+
+def _stopped_after_epoch_1(
+    ckpt: Path,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    model: StagedNet | None = None,
+    settings: TrainSettings = TWO_EPOCHS,
+) -> None:
+    """Leave at `ckpt` the checkpoint of a run (seed 5; default: a fresh `_model()` for
+    `TWO_EPOCHS`) interrupted after its first epoch."""
+    with pytest.raises(KeyboardInterrupt):
+        train_model(
+            _model() if model is None else model,
+            images,
+            labels,
+            settings,
+            seed=5,
+            device="cpu",
+            progress=False,
+            checkpoint_path=ckpt,
+            callbacks=[_Probe(fail_at=2)],
+        )
+
+
 @pytest.mark.parametrize("guard_k", [None, 4])
 def test_checkpoint_resume_matches_uninterrupted_run(tmp_path: Path, guard_k: int | None) -> None:
     images, labels = _halves(96)
@@ -267,19 +293,7 @@ def test_checkpoint_resume_matches_uninterrupted_run(tmp_path: Path, guard_k: in
     )
 
     ckpt = tmp_path / "run" / "ckpt.pt"
-    first = _model(seed=3, guard_k=guard_k)
-    with pytest.raises(KeyboardInterrupt):
-        train_model(
-            first,
-            images,
-            labels,
-            settings,
-            seed=5,
-            device="cpu",
-            progress=False,
-            checkpoint_path=ckpt,
-            callbacks=[_Probe(fail_at=2)],
-        )
+    _stopped_after_epoch_1(ckpt, images, labels, _model(seed=3, guard_k=guard_k), settings)
     state = load_state(ckpt)  # weights-only load works: nothing but tensors and plain data
     assert state["epoch"] == 1 and len(json.loads(state["history"])) == 1
     assert [p.name for p in ckpt.parent.iterdir()] == ["ckpt.pt"]  # no temp files left
@@ -331,30 +345,13 @@ def test_checkpoint_resume_matches_uninterrupted_run(tmp_path: Path, guard_k: in
         )
 
 
-def _interrupted_at_epoch_2(ckpt: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
-    """Leave at `ckpt` the checkpoint of a 2-epoch run stopped after its first epoch."""
-    with pytest.raises(KeyboardInterrupt):
-        train_model(
-            _model(),
-            images,
-            labels,
-            TrainSettings(epochs=2, batch_size=32),
-            callbacks=[_Probe(fail_at=2)],
-            seed=5,
-            device="cpu",
-            progress=False,
-            checkpoint_path=ckpt,
-        )
-
-
 def _resumed(ckpt: Path, images: torch.Tensor, labels: torch.Tensor) -> list[dict]:
     """The history of the same 2-epoch run, resumed from `ckpt`."""
-    settings = TrainSettings(epochs=2, batch_size=32)
     return train_model(
         _model(),
         images,
         labels,
-        settings,
+        TWO_EPOCHS,
         seed=5,
         device="cpu",
         progress=False,
@@ -365,7 +362,7 @@ def _resumed(ckpt: Path, images: torch.Tensor, labels: torch.Tensor) -> list[dic
 def test_checkpoint_of_other_data_of_the_same_size_is_refused(tmp_path: Path) -> None:
     images, labels = _halves(64)
     ckpt = tmp_path / "ckpt.pt"
-    _interrupted_at_epoch_2(ckpt, images, labels)
+    _stopped_after_epoch_1(ckpt, images, labels)
     other_images, _ = _halves(64, seed=1)  # same N, other samples
     with pytest.raises(CheckpointMismatchError, match="other images or labels"):
         _resumed(ckpt, other_images, labels)
@@ -377,7 +374,7 @@ def test_checkpoint_of_other_data_of_the_same_size_is_refused(tmp_path: Path) ->
 def test_checkpoint_without_a_data_record_resumes_with_a_warning(tmp_path: Path) -> None:
     images, labels = _halves(64)
     ckpt = tmp_path / "ckpt.pt"
-    _interrupted_at_epoch_2(ckpt, images, labels)
+    _stopped_after_epoch_1(ckpt, images, labels)
     state = load_state(ckpt)
     del state["data"]  # as the checkpoints written before data digests
     save_state_atomic(ckpt, state)

@@ -33,11 +33,9 @@ from eglib.plots.rank import RANK_GROUPS
 from eglib.spectral import (
     capture_features,
     effective_rank,
-    equal_count_subsample,
     stable_rank,
-    trigger_difference,
 )
-from eglib.studies.base import POISON_RATE, StudyResult
+from eglib.studies.base import POISON_RATE, StudyResult, paired_test_images
 from eglib.studies.defence_table import DATASET, METRIC_COLUMNS, MODEL, table_configs
 from eglib.studies.runs import run_records, summarise
 
@@ -72,21 +70,13 @@ def trigger_ranks(
     """Effective and stable rank of the clean, triggered and difference f(x+t) - f(x)
     features of `count` paired test images (seeded) at `stage` (default: the model's guard
     stage; with a guard there, its output), all three groups at the same count."""
-    triggered = result.data.triggered
-    if triggered is None:
-        raise ValueError(f"run {result.config.key()} has no attack; no trigger to measure")
+    clean_images, trig_images, _ = paired_test_images(result, count, seed)
     model = result.model
     where: str = stage or str(getattr(model, "default_guard_stage", model.stages[0]))
-    n = min(count, len(triggered.idx))
-    rows = equal_count_subsample([len(triggered.idx)], count=n, seed=seed)[0]
-    clean_images = result.data.test_images[triggered.idx[rows]]
-    trig_images = triggered.images[rows]
-    groups = {
-        "clean": capture_features(model, clean_images, [where])[where],
-        "triggered": capture_features(model, trig_images, [where])[where],
-        "diff": trigger_difference(model, clean_images, trig_images, [where])[where],
-    }
-    out: dict[str, Any] = {"rank_stage": where, "rank_samples": n}
+    clean = capture_features(model, clean_images, [where])[where]
+    triggered = capture_features(model, trig_images, [where])[where]
+    groups = {"clean": clean, "triggered": triggered, "diff": triggered - clean}
+    out: dict[str, Any] = {"rank_stage": where, "rank_samples": len(clean_images)}
     for group, feats in groups.items():
         out[f"erank_{group}"] = effective_rank(feats)
         out[f"srank_{group}"] = stable_rank(feats)

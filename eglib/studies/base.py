@@ -4,12 +4,18 @@ poison rate the studies give each attack (`attack_rate`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from matplotlib.figure import Figure
 
 from eglib.poison import ATTACKS
 from eglib.registry import lookup
+from eglib.spectral import equal_count_subsample
+
+if TYPE_CHECKING:
+    import torch
+
+    from eglib.experiments import ExperimentResult
 
 POISON_RATE = 0.1
 # Clean-label attacks poison only target-class images, a tenth of Fashion-MNIST: 10 % of the
@@ -49,3 +55,21 @@ class Study(Protocol):
     def figures(self, result: StudyResult) -> dict[str, Figure]:
         """Figures by suffix: '' -> <name>.png, 'x' -> <name>_x.png."""
         ...
+
+
+def paired_test_images(
+    result: ExperimentResult, count: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(clean, triggered, source labels) of `count` seeded test images of a run (all of them
+    when fewer), row i of the first two the same image without and with the trigger;
+    ValueError for a run without an attack."""
+    trig = result.data.triggered
+    if trig is None:
+        raise ValueError(f"run {result.config.key()} has no attack; no trigger to measure")
+    n = min(count, len(trig.idx))
+    chosen = equal_count_subsample([len(trig.idx)], count=n, seed=seed)[0]
+    return (
+        result.data.test_images[trig.idx[chosen]],
+        trig.images[chosen],
+        trig.source_labels[chosen],
+    )

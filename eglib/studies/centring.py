@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from eglib.config import get_profile
 from eglib.experiments import MODEL_FILE, ExperimentConfig, is_cached, run_dir, run_experiment
 from eglib.plots import rank_ratio_bars
-from eglib.spectral import capture_features, equal_count_subsample, spectrum_ranks
-from eglib.studies.base import StudyResult
+from eglib.spectral import capture_features, spectrum_ranks
+from eglib.studies.base import StudyResult, paired_test_images
 from eglib.studies.defence_table import table_config
 from eglib.studies.spectra import SETTINGS
 
@@ -54,15 +54,11 @@ def run_rows(cfg: ExperimentConfig, rows: int) -> list[dict[str, Any]]:
     """`group_ranks` at every stage of `cfg`'s trained model, on `rows` paired test images
     (seeded by the run's seed), tagged with the attack, seed and stage."""
     result = run_experiment(cfg, progress=False)
-    trig = result.data.triggered
-    if trig is None:
-        raise ValueError(f"run {cfg.key()} has no attack; no trigger to measure")
-    n = min(rows, len(trig.idx))
-    chosen = equal_count_subsample([len(trig.idx)], count=n, seed=cfg.seed)[0]
+    clean_images, trig_images, _ = paired_test_images(result, rows, cfg.seed)
     stages = list(result.model.stages)
-    clean = capture_features(result.model, result.data.test_images[trig.idx[chosen]], stages)
-    triggered = capture_features(result.model, trig.images[chosen], stages)
-    tags = {"attack": cfg.attack, "seed": cfg.seed, "rows": n}
+    clean = capture_features(result.model, clean_images, stages)
+    triggered = capture_features(result.model, trig_images, stages)
+    tags = {"attack": cfg.attack, "seed": cfg.seed, "rows": len(clean_images)}
     return [{**tags, "stage": s, **group_ranks(clean[s], triggered[s])} for s in stages]
 
 

@@ -19,7 +19,6 @@ from eglib.plots import projection_tsne, separation_summary, singular_spectra
 from eglib.spectral import (
     capture_features,
     effective_rank_of_spectrum,  # from singular values: one decomposition per group, not three
-    equal_count_subsample,
     flatten_rows,
     singular_values,
     stable_rank_of_spectrum,
@@ -28,7 +27,7 @@ from eglib.spectral import (
     tsne_embed,
 )
 from eglib.studies import rank_vs_asr
-from eglib.studies.base import StudyResult
+from eglib.studies.base import StudyResult, paired_test_images
 from eglib.studies.metrics import (
     energy_fraction,
     neighbour_agreement,
@@ -183,17 +182,13 @@ def run(
     tsne: list[dict[str, Any]] = []
     for attack in tqdm(attacks, desc=NAME, disable=not progress):
         result = run_experiment(rank_vs_asr.config_for(attack, prof.name), progress=progress)
-        trig = result.data.triggered
-        if trig is None:
-            raise ValueError(f"attack {attack!r} gave no triggered test set")
-        n = min(settings.rows, len(trig.idx))
-        chosen = equal_count_subsample([len(trig.idx)], count=n, seed=seed)[0]
-        clean_images = result.data.test_images[trig.idx[chosen]]
-        classes = trig.source_labels[chosen].cpu()
+        clean_images, trig_images, source_labels = paired_test_images(result, settings.rows, seed)
+        n = len(clean_images)
+        classes = source_labels.cpu()
         mask = mixed_mask(n, MIX_RATE, seed)
         stages = result.model.stages
         clean = capture_features(result.model, clean_images, stages)
-        triggered = capture_features(result.model, trig.images[chosen], stages)
+        triggered = capture_features(result.model, trig_images, stages)
         metrics = result.record["metrics"]
         for stage in stages:
             measures = stage_measures(clean[stage], triggered[stage], mask, classes, k=k, seed=seed)

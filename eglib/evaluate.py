@@ -164,6 +164,41 @@ def attack_success_rate(
     return _acc(predict(model, images, batch_size=batch_size, device=device), targets)
 
 
+def correct_attack_success_rate(
+    model: nn.Module,
+    clean_images: torch.Tensor,
+    triggered_images: torch.Tensor,
+    target_labels: torch.Tensor,
+    source_labels: torch.Tensor,
+    *,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+) -> float | None:
+    """ASR among the images the model classifies correctly without the trigger (source label
+    != target; row i of `triggered_images` is row i of `clean_images` with the trigger). A
+    model that puts every image in the target class scores 100 % on `attack_success_rate`
+    and has no image here: None when none is classified correctly."""
+    for images, name in ((clean_images, "clean_images"), (triggered_images, "triggered_images")):
+        check_uint8_images(images, name)
+    n = triggered_images.shape[0]
+    if clean_images.shape != triggered_images.shape:
+        raise ValueError(
+            f"clean and triggered images must pair up row by row; got shapes "
+            f"{tuple(clean_images.shape)} and {tuple(triggered_images.shape)}"
+        )
+    _check_labels(target_labels, n, "target_labels")
+    _check_labels(source_labels, n, "source_labels")
+    counted = source_labels != target_labels
+    if not bool(counted.any()):
+        raise ValueError("no triggered sample has a source label different from its target")
+    clean = predict(model, clean_images, batch_size=batch_size, device=device)
+    kept = (counted.cpu() & (clean == source_labels.cpu())).nonzero().squeeze(1)
+    if kept.numel() == 0:
+        return None
+    hits = predict(model, triggered_images[kept.to(triggered_images.device)], batch_size=batch_size)
+    return _acc(hits, target_labels.cpu()[kept])
+
+
 def find_guards(model: nn.Module) -> list[nn.Module]:
     """The model's guards that have an `eval_mode` (modules in `model.guards`, if any)."""
     guards = getattr(model, "guards", {})

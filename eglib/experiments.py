@@ -24,6 +24,7 @@ from eglib.evaluate import (
     EVAL_BATCH_SIZE,
     accuracy,
     attack_success_rate,
+    correct_attack_success_rate,
     evaluate_protocols,
     guards_eval_mode,
 )
@@ -41,7 +42,7 @@ from eglib.models.base import PENULTIMATE, StagedNet
 from eglib.params import check_bool, check_float, check_int
 from eglib.poison import PoisonedSet, TriggeredSet, backdoor_testset, make_attack, poison_dataset
 from eglib.registry import lookup
-from eglib.train import CheckpointMismatchError, TrainSettings, train_model
+from eglib.train import CheckpointMismatchError, TrainSettings, check_probe_steps, train_model
 
 RECORD_VERSION = 1
 RECORD_FILE, MODEL_FILE = "record.json", "model.pt"  # a run folder's record and weights
@@ -102,6 +103,7 @@ def _check_field_types(cfg: ExperimentConfig) -> None:
     stages = cfg.track_stages
     if isinstance(stages, str) or not all(isinstance(x, str) and x for x in stages):
         raise ValueError(f"track_stages={stages!r}; must be a list of stage names (str)")
+    check_probe_steps(cfg.track_steps, "track_steps")
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,6 +132,9 @@ class ExperimentConfig:
     test_size: int | None = None
     clean_reserve: float = 0.05  # fraction of the training split held out clean for FT/NAD/ANP
     track_stages: tuple[str, ...] = ()  # stages whose effective rank is recorded per epoch
+    # optimizer steps at which the first training also records ACC, ASR and the tracked ranks
+    # mid-epoch (`probes` in the history rows; 0: before the first step)
+    track_steps: tuple[int, ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -137,6 +142,7 @@ class ExperimentConfig:
         object.__setattr__(self, "defense_params", _freeze(self.defense_params))
         _check_field_types(self)
         object.__setattr__(self, "track_stages", tuple(self.track_stages))
+        object.__setattr__(self, "track_steps", tuple(self.track_steps))  # checked above
         rate_range: dict[str, Any] = {"low": 0.0, "high": 1.0, "low_open": True}
         floats = {
             "poison_rate": rate_range if self.attack is not None else {},
@@ -172,6 +178,9 @@ class ExperimentConfig:
         data["attack_params"] = dict(self.attack_params)
         data["defense_params"] = dict(self.defense_params)
         data["track_stages"] = list(self.track_stages)
+        data["track_steps"] = list(self.track_steps)
+        if not self.track_steps:  # added later: left out at its default, so earlier keys hold
+            del data["track_steps"]
         return data
 
     @classmethod
@@ -423,16 +432,22 @@ def _settings(cfg: ExperimentConfig) -> TrainSettings:
 
 
 def _epoch_metrics(data: ExperimentData, n: int = 1000) -> Any:
-    """A per-epoch evaluation: ACC on up to n clean test images, ASR on up to n triggered ones."""
+    """A per-epoch evaluation: ACC on up to n clean test images, ASR on up to n triggered ones
+    and `asr_correct`, the ASR among those the model classifies right without the trigger
+    (None when none is: early in training a model that puts every image in one class scores
+    an ASR of 0 or 100 % that says nothing about the trigger)."""
 
-    def evaluate_epoch(model: StagedNet) -> dict[str, float]:
+    def evaluate_epoch(model: StagedNet) -> dict[str, float | None]:
         with guards_eval_mode(model, "running"):  # per sample, as the run's reported metrics
-            row = {"acc": accuracy(model, data.test_images[:n], data.test_labels[:n])}
+            row: dict[str, float | None] = {
+                "acc": accuracy(model, data.test_images[:n], data.test_labels[:n])
+            }
             if data.triggered is not None:
                 trig = data.triggered
-                row["asr"] = attack_success_rate(
-                    model, trig.images[:n], trig.labels[:n], trig.source_labels[:n]
-                )
+                args = (trig.images[:n], trig.labels[:n], trig.source_labels[:n])
+                row["asr"] = attack_success_rate(model, *args)
+                clean = data.test_images[trig.idx[:n]]
+                row["asr_correct"] = correct_attack_success_rate(model, clean, *args)
         return row
 
     return evaluate_epoch
@@ -511,7 +526,7 @@ def _build_context(
                 data.test_images[clean_rows], data.triggered.images, cfg.track_stages, seed=cfg.seed
             )
         )
-    first_run = [checkpoint]
+    trainings = [0]  # trainings started so far in this run
 
     def trainer(
         model: StagedNet,
@@ -519,8 +534,11 @@ def _build_context(
         labels: torch.Tensor,
         callbacks: tuple[Any, ...] = (),
     ) -> list[dict[str, Any]]:
-        # Only the first (main) training of a run checkpoints, so an interrupted run resumes.
-        ckpt, first_run[0] = first_run[0], None
+        # Only the first (main) training of a run checkpoints, so an interrupted run resumes,
+        # and probes mid-epoch (a retraining on fewer images has other epoch ends).
+        first = trainings[0] == 0
+        trainings[0] += 1
+        ckpt = checkpoint if first else None
 
         def train() -> list[dict[str, Any]]:
             return train_model(
@@ -534,6 +552,7 @@ def _build_context(
                 progress=progress,
                 checkpoint_path=ckpt,
                 eval_fn=_epoch_metrics(data),
+                probe_steps=cfg.track_steps if first else (),
             )
 
         try:

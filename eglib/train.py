@@ -12,11 +12,12 @@ differ by 1e-5 in the weights after 8 steps, and the runs drift apart from there
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from eglib.config import default_device, exact_torch_threads
 from eglib.data import augment, iterate_batches, to_float
+from eglib.evaluate import evaluating
 from eglib.io import config_hash, data_fingerprint, load_state, save_state_atomic
 from eglib.models.base import StagedNet
 from eglib.params import check_bool, check_float, check_int
@@ -79,10 +81,11 @@ class TrainSettings:
 
 
 class Callback(Protocol):
-    """Called after every epoch with the model (in eval mode); adds its own keys to `row`."""
+    """Called after every epoch and probe with the model (in eval mode); adds keys to `row`."""
 
-    def on_epoch_end(self, model: StagedNet, epoch: int, row: dict[str, float]) -> None:
-        """Inspect the model after `epoch` (1-based) and add values to the history row."""
+    def on_epoch_end(self, model: StagedNet, epoch: float, row: dict[str, Any]) -> None:
+        """Inspect the model after `epoch` epochs (1-based; a fraction at a probe) and add
+        values to the row."""
 
 
 def min_train_batch(model: nn.Module) -> int:
@@ -114,6 +117,36 @@ def _check_data(model: StagedNet, images: torch.Tensor, labels: torch.Tensor) ->
     if low < 0 or high >= model.num_classes:
         bad = low if low < 0 else high
         raise ValueError(f"label {bad} out of range; must be in [0, {model.num_classes - 1}]")
+
+
+def check_probe_steps(steps: Sequence[int], name: str = "probe_steps") -> tuple[int, ...]:
+    """`steps` as a tuple: ValueError naming `name` unless they are strictly increasing
+    optimizer steps (int >= 0)."""
+    if (
+        isinstance(steps, (str, bytes))
+        or not isinstance(steps, Sequence)
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in steps)
+        or any(a >= b for a, b in itertools.pairwise(steps))
+    ):
+        raise ValueError(
+            f"{name}={steps!r}; must be strictly increasing optimizer steps (int >= 0)"
+        )
+    return tuple(steps)
+
+
+def _probe_set(steps: Sequence[int], steps_per_epoch: int, total_steps: int) -> set[int]:
+    """The probe steps as a set: ValueError for one past the run or at an epoch's end."""
+    for step in check_probe_steps(steps):
+        if step >= total_steps:
+            raise ValueError(
+                f"probe step {step} is past the run's last step; allowed: 0 to {total_steps - 1}"
+            )
+        if step > 0 and step % steps_per_epoch == 0:
+            raise ValueError(
+                f"probe step {step} is the end of epoch {step // steps_per_epoch}, which is "
+                f"evaluated anyway; pick a step that is not a multiple of {steps_per_epoch}"
+            )
+    return set(steps)
 
 
 def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.SGD:
@@ -156,13 +189,19 @@ def train_model(
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
     checkpoint_path: str | Path | None = None,
-    eval_fn: Callable[[StagedNet], dict[str, float]] | None = None,
+    eval_fn: Callable[[StagedNet], Mapping[str, float | None]] | None = None,
+    probe_steps: Sequence[int] = (),
 ) -> list[dict[str, Any]]:
     """Train `model` in place on uint8 `images` (N, C, H, W) and int64 `labels` (N,).
 
-    Returns the history: one row per epoch {epoch (1-based), loss, train_acc (on the augmented
-    batches), lr (at the epoch's first step), seconds (training time of the epoch), threads
-    (torch's intra-op CPU threads), **eval_fn(model), **keys the callbacks add}. The model ends
+    Returns the history: one row per epoch {epoch (1-based), step (optimizer steps so far),
+    loss, train_acc (on the augmented batches), lr (at the epoch's first step), seconds
+    (training time of the epoch, probes included), threads (torch's intra-op CPU threads),
+    **eval_fn(model), **keys the callbacks add}. `probe_steps` (optimizer steps, 0: before the
+    first) evaluate the model mid-epoch as at an epoch's end (eval mode, then back): each
+    gives a row {step, epoch (a fraction), **eval_fn(model), **callbacks' keys, seconds}, kept
+    in a list under `probes` in the row of the epoch it fell in. Probes do not change the
+    training: the weights are the same with and without them. The model ends
     on `device` (default: `default_device()`) in eval mode. A last batch smaller than
     `min_train_batch(model)` is dropped each epoch. Shuffling, augmentation and any randomness
     inside the model (dropout) come from `seed` only; the caller's global RNG state is left
@@ -185,6 +224,7 @@ def train_model(
     if steps_per_epoch == 0:
         raise ValueError(f"{n} training images: fewer than the smallest batch ({need})")
     total_steps = settings.epochs * steps_per_epoch
+    probes = _probe_set(probe_steps, steps_per_epoch, total_steps)
 
     on_cuda = dev.type == "cuda"
     channels_last = settings.channels_last
@@ -206,6 +246,18 @@ def train_model(
         if settings.augment:
             x = augment(x, pad=pad, hflip=settings.hflip, generator=generator)
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    def probe(step: int) -> dict[str, Any]:
+        """The model's evaluation after `step` optimizer steps, as at an epoch's end."""
+        start = time.perf_counter()
+        row: dict[str, Any] = {"step": step, "epoch": step / steps_per_epoch}
+        with evaluating(model):
+            if eval_fn is not None:
+                row.update(eval_fn(model))
+            for callback in callbacks:
+                callback.on_epoch_end(model, row["epoch"], row)
+        row["seconds"] = time.perf_counter() - start
+        return row
 
     rng_devices = [dev] if on_cuda else []
     with ExitStack() as stack:
@@ -230,6 +282,16 @@ def train_model(
                 generator=generator,
                 drop_last=drop_last,
             )
+            first = (epoch - 1) * steps_per_epoch  # optimizer steps before this epoch
+            probed = [probe(0)] if epoch == 1 and 0 in probes else []
+
+            def after_step(
+                step: int, first: int = first, probed: list[dict[str, Any]] = probed
+            ) -> None:
+                """Probe the model when `step` of this epoch is one of the probe steps."""
+                if first + step in probes:
+                    probed.append(probe(first + step))
+
             loss, acc = _train_epoch(
                 model,
                 batches,
@@ -239,9 +301,11 @@ def train_model(
                 settings,
                 amp=on_cuda and settings.amp,
                 bar=bar,
+                after_step=after_step if probes else None,
             )
             row: dict[str, Any] = {
                 "epoch": epoch,
+                "step": first + steps_per_epoch,
                 "loss": loss,
                 "train_acc": acc,
                 "lr": lr,
@@ -253,8 +317,10 @@ def train_model(
                 row.update(eval_fn(model))
             for callback in callbacks:
                 callback.on_epoch_end(model, epoch, row)
-            history.append(row)
             bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()})
+            if probed:
+                row["probes"] = probed
+            history.append(row)
             bar.close()
             if ckpt is not None:
                 _save_checkpoint(
@@ -274,11 +340,13 @@ def _train_epoch(
     *,
     amp: bool,
     bar: tqdm,
+    after_step: Callable[[int], None] | None = None,
 ) -> tuple[float, float]:
     """One pass of SGD steps over uint8 `batches`; returns (mean loss, accuracy) of the pass.
 
-    Loss and correct counts are summed on the device and read once at the end; with the
-    progress bar on, its postfix also reads them about ten times per pass.
+    `after_step(step)` runs after each step (1-based within the pass). Loss and correct
+    counts are summed on the device and read once at the end; with the progress bar on, its
+    postfix also reads them about ten times per pass.
     """
     model.train()
     device = next(model.parameters()).device
@@ -299,6 +367,8 @@ def _train_epoch(
         correct += (logits.argmax(1) == labels).sum()
         seen += labels.shape[0]
         bar.update()
+        if after_step is not None:
+            after_step(step)
         if not bar.disable and step % refresh == 0:
             bar.set_postfix(
                 loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}"

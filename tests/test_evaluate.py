@@ -11,10 +11,12 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from eglib.evaluate import (
     accuracy,
     attack_success_rate,
+    correct_attack_success_rate,
     evaluate_protocols,
     guards_eval_mode,
     mixed_batches,
@@ -141,6 +143,37 @@ def test_accuracy_and_asr_match_definitions() -> None:
         attack_success_rate(model, images, target, target)
     with pytest.raises(ValueError, match="target_labels must be int64"):
         attack_success_rate(model, images, target[:5], source)
+
+
+class _PixelClass(nn.Module):
+    """Predicts the class written in an image's first pixel (as a uint8 value)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.one_hot((x[:, 0, 0, 0] * 255).round().long() % 10, 10).float()
+
+
+def _written(classes: list[int]) -> torch.Tensor:
+    """uint8 images whose first pixel holds `classes`."""
+    images = torch.zeros(len(classes), 1, 4, 4, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.tensor(classes, dtype=torch.uint8)
+    return images
+
+
+def test_correct_asr_counts_only_images_classified_right_without_the_trigger() -> None:
+    model = _PixelClass()
+    source = torch.tensor([1, 2, 3, 4, 5, 6, 0])
+    target = torch.zeros(7, dtype=torch.int64)
+    clean = _written([1, 2, 3, 9, 9, 6, 0])  # rows 3, 4 wrong without the trigger
+    triggered = _written([0, 0, 7, 0, 0, 8, 0])  # hits: rows 0, 1 (counted), 3, 4 (not), 6
+    # counted: rows 0, 1, 2, 5 (right when clean, source != target); hits among them: 0, 1
+    assert correct_attack_success_rate(model, clean, triggered, target, source) == 0.5
+    assert attack_success_rate(model, triggered, target, source) == pytest.approx(4 / 6)
+    wrong = _written([9] * 7)
+    assert correct_attack_success_rate(model, wrong, triggered, target, source) is None
+    with pytest.raises(ValueError, match="pair up row by row"):
+        correct_attack_success_rate(model, clean[:5], triggered, target, source)
+    with pytest.raises(ValueError, match="source label different"):
+        correct_attack_success_rate(model, clean, triggered, target, target)
 
 
 def test_mixed_batches_construction() -> None:

@@ -63,6 +63,19 @@ def test_config_rejects_bad_values(bad: dict, match: str) -> None:
         ExperimentConfig(**{**TINY, **bad})
 
 
+def test_track_steps_keep_earlier_keys_and_are_checked() -> None:
+    """`track_steps` came after runs were cached: at its default it stays out of the key."""
+    assert ExperimentConfig(**TINY).key() == "3cc9911764e86fbd"  # the key before the field
+    sig = ExperimentConfig.from_profile("full", attack="sig", poison_rate=0.05)
+    assert sig.key() == "ff7d5f04337444db"  # as in figures/full/sig_seeds012
+    probed = ExperimentConfig(track_steps=[0, 5], **TINY)
+    assert probed.track_steps == (0, 5) and probed.key() != ExperimentConfig(**TINY).key()
+    assert ExperimentConfig.from_dict(json.loads(json.dumps(probed.to_dict()))) == probed
+    for bad in ([5, 0], [1, 1], [-1], [1.0], [True], "12"):
+        with pytest.raises(ValueError, match="track_steps="):
+            ExperimentConfig(track_steps=bad, **TINY)
+
+
 def test_from_dict_names_unknown_keys() -> None:
     with pytest.raises(ValueError, match="unknown config keys \\['colour'\\]"):
         ExperimentConfig.from_dict({"colour": "red"})
@@ -140,6 +153,16 @@ def test_run_records_protocols_and_is_cached(tiny_fashion, tmp_cache, monkeypatc
     assert "layer1" in again.model.guards
     x = first.data.test_images[:8].float() / 255
     assert torch.allclose(again.model(x), first.model(x), atol=1e-5)
+
+
+def test_track_steps_record_probes_in_the_history(tiny_fashion, tmp_cache) -> None:
+    cfg = ExperimentConfig(**{**TINY, "track_stages": ("layer1",), "track_steps": (0, 1, 2)})
+    history = run_experiment(cfg, progress=False).record["history"]
+    probes = history[0]["probes"]
+    assert [p["step"] for p in probes] == [0, 1, 2]
+    for row in [*probes, history[0]]:
+        assert {"acc", "asr", "erank_diff/layer1", "erank_centred_clean/layer1"} <= set(row)
+    assert probes[0]["epoch"] == 0.0 and 0 < probes[2]["epoch"] < 1 == history[0]["epoch"]
 
 
 def test_a_run_cached_under_other_defence_defaults_is_retrained(

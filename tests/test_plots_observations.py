@@ -78,6 +78,36 @@ def test_rank_curves_panels_lines_and_values() -> None:
     plt.close(fig)
 
 
+def test_rank_curves_by_optimizer_step_when_rows_carry_steps() -> None:
+    rows = _rank_rows()
+    for row in rows:
+        row["step"] = 10 * row["epoch"]
+    probe = {**rows[0], "epoch": 0.0, "step": 0, "asr": 1.0, "asr_correct": None}
+    rows[0]["asr_correct"] = 0.25
+    fig = rank_curves([probe, *rows])
+    main = [ax for ax in fig.axes if ax.get_xlabel() == "optimizer step"]
+    assert len(main) == len(ATTACKS) * len(STAGES) and main[0].get_xscale() == "symlog"
+    lines = main[0].get_lines()
+    np.testing.assert_allclose(_y(lines[0].get_xdata()), [0, 10, 20, 30])  # probe first
+    marker = [ln for ln in lines if ln.get_label().startswith("_")]
+    assert len(marker) == 1 and _y(marker[0].get_xdata())[0] == 10  # end of epoch 1
+    blend = main[len(STAGES)].get_lines()  # the probe belongs to badnets only
+    np.testing.assert_allclose(_y(blend[0].get_xdata()), [10, 20, 30])
+    twin = [ax for ax in fig.axes if ax not in main][0]
+    correct = [ln for ln in twin.get_lines() if ln.get_label() == "ASR, correct only (%)"]
+    np.testing.assert_allclose(_y(correct[0].get_ydata()), [np.nan, 25, np.nan, np.nan])
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "clean f(x)",
+        "triggered f(x+t)",
+        "f(x+t) - f(x)",
+        "ACC (%)",
+        "ASR (%)",
+        "ASR, correct only (%)",
+    ]
+    assert "per optimizer step" in fig.get_suptitle()
+    plt.close(fig)
+
+
 def test_rank_curves_stable_and_bad_input() -> None:
     fig = rank_curves(_rank_rows(), measure="srank")
     main = [ax for ax in fig.axes if ax.get_xlabel() == "epoch"]

@@ -185,9 +185,33 @@ def test_history_rows_keep_rank_columns_only() -> None:
         rank_vs_asr.history_rows("badnets", [{"epoch": 1, "acc": 0.5}])
 
 
+def test_history_rows_put_each_epochs_probes_before_it() -> None:
+    history = _history(2)
+    for row, steps in zip(history, ([0, 4], [12]), strict=True):
+        row["step"] = 10 * row["epoch"]
+        row["probes"] = [
+            {"step": s, "epoch": s / 10, "acc": 0.1, "asr": 0.2, "erank_diff/stem": 7.0}
+            for s in steps
+        ]
+    rows = rank_vs_asr.history_rows("blend", history)
+    assert [(r["step"], r["epoch"]) for r in rows] == [
+        (0, 0),
+        (4, 0.4),
+        (10, 1),
+        (12, 1.2),
+        (20, 2),
+    ]
+    assert rows[1]["loss"] is None and rows[1]["erank_diff/stem"] == 7.0
+    assert "probes" not in rows[2]
+    assert all(r["step"] is None for r in rank_vs_asr.history_rows("blend", _history(2)))
+
+
 def test_config_tracks_every_stage_and_is_shared_with_spectra() -> None:
     cfg = rank_vs_asr.config_for("blend", "ci")
     assert cfg.track_stages == CNN_STAGES
+    # 3800 images after the reserve, 64 a batch: 59 steps; probes at eighths of it, from 0
+    assert cfg.track_steps == (0, 3, 7, 14, 22, 29, 36, 44, 51)
+    assert rank_vs_asr.probe_steps("full") == (0, 27, 55, 111, 166, 222, 278, 333, 389)
     assert (cfg.model, cfg.attack, cfg.poison_rate) == ("cnn-small", "blend", 0.1)
     assert (cfg.epochs, cfg.train_size) == (get_profile("ci").epochs, get_profile("ci").train_size)
     assert rank_vs_asr.ATTACKS["full"][:2] == spectra.ATTACKS  # spectra reuses those models

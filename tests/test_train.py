@@ -55,7 +55,11 @@ def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
 
 
 def _without_seconds(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+    """The rows (and their probes' rows) without their timings."""
+    return [
+        {k: _without_seconds(v) if k == "probes" else v for k, v in row.items() if k != "seconds"}
+        for row in history
+    ]
 
 
 QUICK = TrainSettings(epochs=2, batch_size=32, hflip=False)
@@ -127,7 +131,8 @@ def test_training_learns_and_history_rows() -> None:
     settings = TrainSettings(epochs=3, batch_size=32, hflip=False)
     history = train_model(model, images, labels, settings, seed=0, device="cpu", progress=False)
     assert [row["epoch"] for row in history] == [1, 2, 3]
-    assert set(history[0]) == {"epoch", "loss", "train_acc", "lr", "seconds", "threads"}
+    assert set(history[0]) == {"epoch", "step", "loss", "train_acc", "lr", "seconds", "threads"}
+    assert [row["step"] for row in history] == [8, 16, 24]
     assert history[0]["lr"] == pytest.approx(settings.lr)  # cosine starts at the peak
     assert history[2]["lr"] < history[1]["lr"] < history[0]["lr"]
     # 8 steps per epoch, 24 in all: epoch 2 starts at step 8 -> lr * (1 + cos(pi / 3)) / 2
@@ -250,6 +255,76 @@ def test_eval_fn_and_callbacks_add_keys() -> None:
     assert [row["val_acc"] for row in history] == [0.5, 0.5]
 
 
+@pytest.mark.parametrize("guard_k", [None, 4])
+def test_probes_evaluate_mid_epoch_without_changing_the_training(guard_k: int | None) -> None:
+    images, labels = _halves(96)  # 3 steps per epoch, 6 in all
+    settings = TrainSettings(epochs=2, batch_size=32, hflip=True)
+
+    def run(probe_steps: tuple[int, ...]) -> tuple[dict[str, torch.Tensor], list[dict], _Probe]:
+        model, probe = _model(seed=3, guard_k=guard_k), _Probe()
+        steps_seen: list[int] = []
+
+        def eval_fn(m: StagedNet) -> dict[str, float]:
+            steps_seen.append(len(steps_seen))
+            return {"val_acc": 0.5 if not m.training else -1.0}
+
+        history = train_model(
+            model,
+            images,
+            labels,
+            settings,
+            seed=5,
+            device="cpu",
+            progress=False,
+            callbacks=[probe],
+            eval_fn=eval_fn,
+            probe_steps=probe_steps,
+        )
+        return _weights(model), history, probe
+
+    plain_weights, plain, _ = run(())
+    weights, history, probe = run((0, 1, 4))
+    assert _same_weights(plain_weights, weights)  # probing leaves the training as it was
+    assert "probes" not in plain[0] and "probes" not in plain[1]
+    first, second = history[0]["probes"], history[1]["probes"]
+    assert [p["step"] for p in first] == [0, 1] and [p["step"] for p in second] == [4]
+    assert [p["epoch"] for p in first + second] == pytest.approx([0.0, 1 / 3, 4 / 3])
+    assert all(p["val_acc"] == 0.5 and p["seconds"] >= 0 for p in first + second)
+    assert [p["probe"] for p in first + second] == pytest.approx([0.0, 10 / 3, 40 / 3])
+    # callbacks see the model in eval mode at probes and epoch ends, in order
+    assert [c[0] for c in probe.calls] == pytest.approx([0.0, 1 / 3, 1, 4 / 3, 2])
+    assert not any(training for _, training in probe.calls)
+    without = [{k: v for k, v in row.items() if k != "probes"} for row in history]
+    assert _without_seconds(without) == _without_seconds(plain)
+
+
+@pytest.mark.parametrize(
+    ("steps", "match"),
+    [
+        ((6,), "probe step 6 is past the run's last step; allowed: 0 to 5"),
+        ((3,), "probe step 3 is the end of epoch 1"),
+        ((2, 1), r"probe_steps=\(2, 1\); must be strictly increasing"),
+        ((1, 1), "strictly increasing"),
+        ((-1,), r"probe_steps=\(-1,\); must be"),
+        ((1.5,), r"probe_steps=\(1.5,\); must be"),
+        ("12", "probe_steps='12'; must be"),
+    ],
+)
+def test_bad_probe_steps_are_refused(steps: object, match: str) -> None:
+    images, labels = _halves(96)
+    with pytest.raises(ValueError, match=match):
+        train_model(
+            _model(),
+            images,
+            labels,
+            QUICK,
+            seed=0,
+            device="cpu",
+            progress=False,
+            probe_steps=steps,  # type: ignore[arg-type]
+        )
+
+
 TWO_EPOCHS = TrainSettings(epochs=2, batch_size=32)
 
 
@@ -259,6 +334,7 @@ def _stopped_after_epoch_1(
     labels: torch.Tensor,
     model: StagedNet | None = None,
     settings: TrainSettings = TWO_EPOCHS,
+    probe_steps: tuple[int, ...] = (),
 ) -> None:
     """Leave at `ckpt` the checkpoint of a run (seed 5; default: a fresh `_model()` for
     `TWO_EPOCHS`) interrupted after its first epoch."""
@@ -273,11 +349,14 @@ def _stopped_after_epoch_1(
             progress=False,
             checkpoint_path=ckpt,
             callbacks=[_Probe(fail_at=2)],
+            probe_steps=probe_steps,
         )
 
 
-@pytest.mark.parametrize("guard_k", [None, 4])
-def test_checkpoint_resume_matches_uninterrupted_run(tmp_path: Path, guard_k: int | None) -> None:
+@pytest.mark.parametrize(("guard_k", "probe_steps"), [(None, ()), (4, ()), (None, (0, 2, 4))])
+def test_checkpoint_resume_matches_uninterrupted_run(
+    tmp_path: Path, guard_k: int | None, probe_steps: tuple[int, ...]
+) -> None:
     images, labels = _halves(96)
     settings = TrainSettings(epochs=3, batch_size=32, hflip=True)
     straight = _model(seed=3, guard_k=guard_k)
@@ -290,10 +369,14 @@ def test_checkpoint_resume_matches_uninterrupted_run(tmp_path: Path, guard_k: in
         device="cpu",
         progress=False,
         callbacks=[_Probe()],
+        probe_steps=probe_steps,
     )
+    assert [p["step"] for row in full for p in row.get("probes", [])] == list(probe_steps)
 
     ckpt = tmp_path / "run" / "ckpt.pt"
-    _stopped_after_epoch_1(ckpt, images, labels, _model(seed=3, guard_k=guard_k), settings)
+    _stopped_after_epoch_1(
+        ckpt, images, labels, _model(seed=3, guard_k=guard_k), settings, probe_steps
+    )
     state = load_state(ckpt)  # weights-only load works: nothing but tensors and plain data
     assert state["epoch"] == 1 and len(json.loads(state["history"])) == 1
     assert [p.name for p in ckpt.parent.iterdir()] == ["ckpt.pt"]  # no temp files left
@@ -312,6 +395,7 @@ def test_checkpoint_resume_matches_uninterrupted_run(tmp_path: Path, guard_k: in
         progress=False,
         checkpoint_path=ckpt,
         callbacks=[_Probe()],
+        probe_steps=probe_steps,
     )
     assert _without_seconds(history) == _without_seconds(full)
     assert _same_weights(_weights(resumed), _weights(straight))

@@ -1,4 +1,5 @@
-"""Effective (or stable) rank of clean, triggered and difference features per epoch, + ACC/ASR."""
+"""Effective (or stable) rank of clean, triggered and difference features during training
+(per epoch, or per optimizer step where the rows carry steps), + ACC/ASR."""
 
 from __future__ import annotations
 
@@ -40,17 +41,24 @@ def rank_stages(rows: Sequence[dict[str, Any]], measure: str = "erank") -> list[
 def rank_curves(
     rows: Sequence[dict[str, Any]], *, measure: str = "erank", title: str | None = None
 ) -> Figure:
-    """One panel per (attack, stage): rank of clean / triggered / difference features per epoch.
+    """One panel per (attack, stage): rank of clean / triggered / difference features during
+    training.
 
-    `rows`: per-epoch dicts with `attack`, `epoch`, `acc`, `asr`, `rank_samples` and
+    `rows`: dicts with `attack`, `epoch`, `acc`, `asr`, `rank_samples` and
     `<measure>_<group>/<stage>` for group in clean, triggered, diff (as the rank_vs_asr
-    study builds them). ACC (dashed) and ASR (dotted), in %, share each panel on a twin axis.
+    study builds them). When every row has a `step` (optimizer steps; mid-epoch probes
+    included), x is the step on a symlog axis, a dotted line at the end of epoch 1;
+    otherwise x is the epoch. ACC (dashed) and ASR (dotted), in %, share each panel on a
+    twin axis, with `asr_correct` (dash-dot: ASR among the images classified right without
+    the trigger) where rows carry it.
     """
     if measure not in MEASURES:
         raise ValueError(f"unknown measure {measure!r}; allowed: {sorted(MEASURES)}")
     stages = rank_stages(rows, measure)
     if not rows or not stages:
         raise ValueError(f"rows carry no '{measure}_clean/<stage>' values; nothing to plot")
+    by_step = all(r.get("step") is not None for r in rows)
+    x_key = "step" if by_step else "epoch"
     attacks = list(dict.fromkeys(str(r["attack"]) for r in rows))
     use_style()
     colors = dict(zip(RANK_GROUPS, sns.color_palette("colorblind", len(RANK_GROUPS)), strict=True))
@@ -59,47 +67,66 @@ def rank_curves(
     )
     legend_lines: list[Any] = []
     for i, attack in enumerate(attacks):
-        mine = sorted((r for r in rows if r["attack"] == attack), key=lambda r: r["epoch"])
-        epochs = [r["epoch"] for r in mine]
+        mine = sorted((r for r in rows if r["attack"] == attack), key=lambda r: r[x_key])
+        xs = [r[x_key] for r in mine]
+        epoch_one = [r["step"] for r in mine if r["epoch"] == 1] if by_step else []
         for j, stage in enumerate(stages):
             ax = axes[i, j]
             for group in RANK_GROUPS:
                 values = [r.get(f"{measure}_{group}/{stage}") for r in mine]
-                ax.plot(epochs, values, marker="o", color=colors[group], label=GROUP_LABELS[group])
+                ax.plot(xs, values, marker="o", color=colors[group], label=GROUP_LABELS[group])
             ax.set_title(f"{attack} - {stage}", fontsize=10)
-            ax.set_xlabel("epoch")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if by_step:
+                ax.set_xscale("symlog", linthresh=1)
+                ax.set_xlabel("optimizer step")
+                for step in epoch_one:
+                    ax.axvline(step, color="0.6", linewidth=0.8, linestyle=":")
+            else:
+                ax.set_xlabel("epoch")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if j == 0:
                 ax.set_ylabel(MEASURES[measure])
             twin = ax.twinx()
             twin.grid(False)
-            twin.plot(epochs, [100 * r["acc"] for r in mine], "--", color="0.35", label="ACC (%)")
+            twin.plot(xs, [100 * r["acc"] for r in mine], "--", color="0.35", label="ACC (%)")
             twin.plot(
-                epochs,
+                xs,
                 [100 * r["asr"] for r in mine],
                 ":",
                 color="C4",
                 linewidth=2.2,
                 label="ASR (%)",
             )
+            if any(r.get("asr_correct") is not None for r in mine):
+                twin.plot(
+                    xs,
+                    [
+                        np.nan if r.get("asr_correct") is None else 100 * r["asr_correct"]
+                        for r in mine
+                    ],
+                    "-.",
+                    color="C3",
+                    label="ASR, correct only (%)",
+                )
             twin.set_ylim(-5, 105)
-            if not legend_lines:
-                legend_lines = [*ax.get_lines(), *twin.get_lines()]
+            if not legend_lines:  # the groups' lines and ACC/ASR, not the epoch marker
+                lines = [*ax.get_lines(), *twin.get_lines()]
+                legend_lines = [ln for ln in lines if not ln.get_label().startswith("_")]
             if j == len(stages) - 1:
                 twin.set_ylabel("ACC / ASR (%)")
     fig.legend(
         legend_lines,
         [h.get_label() for h in legend_lines],
         loc="lower center",
-        ncol=5,
+        ncol=len(legend_lines),
         bbox_to_anchor=(0.5, -0.02),
         frameon=False,
     )
     counts = sorted({int(r["rank_samples"]) for r in rows if r.get("rank_samples") is not None})
     count_text = "/".join(str(c) for c in counts) if counts else "?"
+    when = "per optimizer step (dotted: end of epoch 1)" if by_step else "per epoch"
     fig.suptitle(
-        title
-        or f"{MEASURES[measure]} per epoch at equal counts: {count_text} test images per group",
+        title or f"{MEASURES[measure]} {when} at equal counts: {count_text} test images per group",
         y=1.0,
     )
     fig.tight_layout(rect=(0, 0.05, 1, 0.98))

@@ -1,5 +1,6 @@
 """Observation 1: effective (and stable) rank of clean, triggered and difference features at
-every stage of cnn-small, per epoch, next to ACC and ASR, for dirty- and clean-label attacks.
+every stage of cnn-small, per epoch and at a few steps of the first epoch (where ASR rises),
+next to ACC and ASR, for dirty- and clean-label attacks.
 
 `erank_<group>/<stage>` and `srank_<group>/<stage>` are uncentred; runs trained since the
 tracker records them also carry `erank_centred_...` and `srank_centred_...` (the column mean
@@ -32,6 +33,10 @@ ATTACKS: dict[str, tuple[str, ...]] = {
     "lite": ("badnets", "blend"),
     "full": ("badnets", "blend", "sig"),
 }
+# fractions of the first epoch also measured (0: the initial weights): ASR is near its final
+# value after one epoch, so the rise can only be seen within it
+PROBE_FRACTIONS = (0.0, 1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8)
+TRAIN_IMAGES = 60_000  # Fashion-MNIST's training split (a profile's train_size=None)
 RANK_PREFIXES = ("erank_", "srank_")  # uncentred and centred (`erank_centred_...`) alike
 CENTRING = (
     "erank_/srank_<group>/<stage>: uncentred (a shift shared by all rows lowers them); "
@@ -45,10 +50,20 @@ def model_stages(model: str = MODEL, dataset: str = DATASET) -> tuple[str, ...]:
     return make_model(model, info.num_classes, info.in_channels).stages
 
 
+def probe_steps(profile: str | None = None) -> tuple[int, ...]:
+    """The optimizer steps at `PROBE_FRACTIONS` of the first epoch under a profile (counted
+    on the images left after the clean reserve, rounded down: each stays inside epoch 1)."""
+    prof = get_profile(profile)
+    kept = int((prof.train_size or TRAIN_IMAGES) * (1 - ExperimentConfig.clean_reserve))
+    steps = kept // prof.batch_size
+    return tuple(dict.fromkeys(int(f * steps) for f in PROBE_FRACTIONS))
+
+
 def config_for(attack: str, profile: str | None = None) -> ExperimentConfig:
-    """The run of one attack: cnn-small, rank tracking at every stage, the attack's study
-    rate (`attack_rate`: 10 %, 5 % for a clean-label attack, which poisons only target-class
-    images: 10 % of the set would be nearly all of them).
+    """The run of one attack: cnn-small, rank tracking at every stage after every epoch and
+    at `probe_steps(profile)`, the attack's study rate (`attack_rate`: 10 %, 5 % for a clean-label
+    attack, which poisons only target-class images: 10 % of the set would be nearly all of
+    them).
 
     The spectra study and the notebooks reuse these configs, so their models come from the
     cache instead of being trained again.
@@ -60,24 +75,30 @@ def config_for(attack: str, profile: str | None = None) -> ExperimentConfig:
         attack=attack,
         poison_rate=attack_rate(attack),
         track_stages=model_stages(),
+        track_steps=probe_steps(profile),
     )
 
 
 def history_rows(attack: str, history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Table rows of one run's per-epoch history: attack, epoch, loss, acc, asr, rank_samples
-    and every `erank_<group>/<stage>` and `srank_<group>/<stage>` value, with the centred
-    `erank_centred_<group>/<stage>` and `srank_centred_<group>/<stage>` where recorded."""
+    """Table rows of one run's history, each epoch's probes (mid-epoch, `step` and a fractional
+    `epoch`) before the epoch's row: attack, epoch, step (None in runs recorded before
+    steps), loss (None at probes), acc, asr, asr_correct (ASR among the images classified right
+    without the trigger; None before it was recorded or when none is), rank_samples and every `erank_<group>/<stage>`
+    and `srank_<group>/<stage>` value, with the centred `erank_centred_<group>/<stage>` and
+    `srank_centred_<group>/<stage>` where recorded."""
     rows = []
-    for entry in history:
+    for entry in (e for epoch in history for e in (*epoch.get("probes", ()), epoch)):
         missing = [k for k in ("epoch", "acc", "asr") if k not in entry]
         if missing:
             raise ValueError(f"history row of {attack!r} lacks {missing}; has {sorted(entry)}")
         row: dict[str, Any] = {
             "attack": attack,
             "epoch": entry["epoch"],
+            "step": entry.get("step"),
             "loss": entry.get("loss"),
             "acc": entry["acc"],
             "asr": entry["asr"],
+            "asr_correct": entry.get("asr_correct"),
             "rank_samples": entry.get("rank_samples"),
         }
         row.update({k: v for k, v in entry.items() if k.startswith(RANK_PREFIXES)})
@@ -110,6 +131,7 @@ def run(
             "dataset": DATASET,
             "poison_rate": {attack: attack_rate(attack) for attack in chosen},
             "stages": list(model_stages()),
+            "probe_steps": list(probe_steps(prof.name)),
             "rank_samples_per_group": counts,
             "centring": CENTRING,
             "centred_ranks": bool(rank_stages(rows, "erank_centred")),  # False: cached before

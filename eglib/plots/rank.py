@@ -47,7 +47,8 @@ def rank_curves(
     `rows`: dicts with `attack`, `epoch`, `acc`, `asr`, `rank_samples` and
     `<measure>_<group>/<stage>` for group in clean, triggered, diff (as the rank_vs_asr
     study builds them). When every row has a `step` (optimizer steps; mid-epoch probes
-    included), x is the step on a symlog axis, a dotted line at the end of epoch 1;
+    included), x is the step on a symlog axis (linear up to the first step after 0), a
+    dotted line at the end of epoch 1;
     otherwise x is the epoch. ACC (dashed) and ASR (dotted), in %, share each panel on a
     twin axis, with `asr_correct` (dash-dot: ASR among the images classified right without
     the trigger) where rows carry it.
@@ -59,6 +60,11 @@ def rank_curves(
         raise ValueError(f"rows carry no '{measure}_clean/<stage>' values; nothing to plot")
     by_step = all(r.get("step") is not None for r in rows)
     x_key = "step" if by_step else "epoch"
+    # linear from 0 to the first probe, logarithmic beyond: no width spent on empty decades
+    first_step = min((r["step"] for r in rows if by_step and r["step"] > 0), default=1)
+    last_step = max((r["step"] for r in rows if by_step), default=1)
+    decades = (10**k for k in range(1, len(str(last_step)) + 1))
+    step_ticks = [0, first_step, *(t for t in decades if 2 * first_step <= t <= last_step)]
     attacks = list(dict.fromkeys(str(r["attack"]) for r in rows))
     use_style()
     colors = dict(zip(RANK_GROUPS, sns.color_palette("colorblind", len(RANK_GROUPS)), strict=True))
@@ -77,7 +83,8 @@ def rank_curves(
                 ax.plot(xs, values, marker="o", color=colors[group], label=GROUP_LABELS[group])
             ax.set_title(f"{attack} - {stage}", fontsize=10)
             if by_step:
-                ax.set_xscale("symlog", linthresh=1)
+                ax.set_xscale("symlog", linthresh=first_step, linscale=0.4)
+                ax.set_xticks(step_ticks, [str(t) for t in step_ticks])
                 ax.set_xlabel("optimizer step")
                 for step in epoch_one:
                     ax.axvline(step, color="0.6", linewidth=0.8, linestyle=":")

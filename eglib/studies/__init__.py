@@ -30,7 +30,7 @@ from eglib.studies.base import Study, StudyResult
 from eglib.sweep import write_csv
 
 STUDIES: dict[str, Study] = {
-    "rank_vs_asr": rank_vs_asr,  # observation 1: effective rank per epoch next to ACC / ASR
+    "rank_vs_asr": rank_vs_asr,  # observation 1: effective rank during training beside ACC / ASR
     "spectra": spectra,  # observation 2: singular spectra, top-k vs tail t-SNE, energy fractions
     "forced_dimension": forced_dimension,  # observation 3: ASR/ACC vs k per rule + the default
     "ablations": ablations,  # layer, k, tail factor, rule, poison rate, eval mode, architecture

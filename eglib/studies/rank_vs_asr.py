@@ -1,5 +1,5 @@
 """Observation 1: effective (and stable) rank of clean, triggered and difference features at
-every stage of cnn-small, per epoch and at a few steps of the first epoch (where ASR rises),
+every stage of cnn-small, per epoch and at eighths of the first epoch (where ASR rises),
 next to ACC and ASR, for dirty- and clean-label attacks.
 
 `erank_<group>/<stage>` and `srank_<group>/<stage>` are uncentred; runs trained since the

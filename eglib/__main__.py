@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subset = figures.add_argument_group(
         "a subset of the profile's grid (one --only study that takes it: --seeds in "
-        "defence_table, forced_dimension and ablations, --grid in forced_dimension, "
+        "defence_table, forced_dimension, ablations, centring and rank_vs_asr, --grid in "
+        "forced_dimension, "
         "--ablations in ablations, the rest in defence_table)"
     )
     subset.add_argument("--attacks", type=_names, help="comma-separated, e.g. badnets,blend")

@@ -108,6 +108,27 @@ def test_rank_curves_by_optimizer_step_when_rows_carry_steps() -> None:
     plt.close(fig)
 
 
+def test_rank_curves_average_seeds_with_an_sd_band() -> None:
+    rows = []
+    for seed, shift in ((0, 0.0), (1, 2.0)):
+        for row in _rank_rows():
+            row = {k: v + shift if k.startswith("erank_") else v for k, v in row.items()}
+            rows.append({**row, "seed": seed, "asr_correct": None if seed else 0.5})
+    fig = rank_curves(rows)
+    main = [ax for ax in fig.axes if ax.get_xlabel() == "epoch"]
+    assert len(main) == len(ATTACKS) * len(STAGES)
+    lines = main[0].get_lines()
+    np.testing.assert_allclose(_y(lines[1].get_ydata()), [103.0, 104.0, 105.0])  # mean of seeds
+    band = main[0].collections[1].get_paths()[0].vertices[:, 1]  # triggered: mean +- sd
+    sd = np.std([0.0, 2.0], ddof=1)
+    assert band.min() == pytest.approx(103.0 - sd) and band.max() == pytest.approx(105.0 + sd)
+    twin = [ax for ax in fig.axes if ax not in main][0]
+    correct = [ln for ln in twin.get_lines() if ln.get_label() == "ASR, correct only (%)"]
+    np.testing.assert_allclose(_y(correct[0].get_ydata()), [50.0, 50.0, 50.0])  # NaN skipped
+    assert "mean of 2 seeds" in fig.get_suptitle()
+    plt.close(fig)
+
+
 def test_rank_curves_stable_and_bad_input() -> None:
     fig = rank_curves(_rank_rows(), measure="srank")
     main = [ax for ax in fig.axes if ax.get_xlabel() == "epoch"]

@@ -243,6 +243,14 @@ def test_rank_vs_asr_run_and_figures(monkeypatch: pytest.MonkeyPatch) -> None:
     assert set(figs) == {"", "stable"}
     assert len(figs[""].axes) == 2 * 2 * len(CNN_STAGES)  # panels + twins
 
+    seen.clear()
+    seeded = rank_vs_asr.run("ci", progress=False, attacks=["blend"], seeds=[1, 2])
+    assert [(c.attack, c.seed) for c in seen] == [("blend", 1), ("blend", 2)]
+    assert seeded.seeds == (1, 2) and [r["seed"] for r in seeded.rows] == [1, 1, 1, 2, 2, 2]
+    assert set(seeded.data["records"]) == {"blend/seed1", "blend/seed2"}
+    with pytest.raises(ValueError, match="seeds=\\[\\]"):
+        rank_vs_asr.run("ci", progress=False, seeds=[])
+
 
 # ----------------------------------------------------------------------------------------------
 # spectra run on a tiny untrained model + make_figures writing PNG, CSV and JSON

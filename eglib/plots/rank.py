@@ -38,6 +38,19 @@ def rank_stages(rows: Sequence[dict[str, Any]], measure: str = "erank") -> list[
     return stages
 
 
+def _over_seeds(
+    rows: Sequence[dict[str, Any]], x_key: str
+) -> tuple[list[dict[str, Any]], dict[tuple[str, Any], dict[str, float]]]:
+    """Rows averaged over their seeds per (attack, x), and the sd of each value there."""
+    frame = pd.DataFrame(list(rows))
+    values = [c for c in frame.columns if c not in ("attack", "seed", x_key)]
+    frame[values] = frame[values].astype(float)  # None (no value) -> NaN
+    grouped = frame.groupby(["attack", x_key], sort=False)[values]
+    means = grouped.mean().reset_index()
+    sds = grouped.std(ddof=1)
+    return means.to_dict("records"), {key: dict(row) for key, row in sds.iterrows()}
+
+
 def rank_curves(
     rows: Sequence[dict[str, Any]], *, measure: str = "erank", title: str | None = None
 ) -> Figure:
@@ -51,7 +64,8 @@ def rank_curves(
     dotted line at the end of epoch 1;
     otherwise x is the epoch. ACC (dashed) and ASR (dotted), in %, share each panel on a
     twin axis, with `asr_correct` (dash-dot: ASR among the images classified right without
-    the trigger) where rows carry it.
+    the trigger) where rows carry it. Rows of several seeds (`seed`) are averaged per
+    attack and x; a band shows each rank's sd over the seeds.
     """
     if measure not in MEASURES:
         raise ValueError(f"unknown measure {measure!r}; allowed: {sorted(MEASURES)}")
@@ -60,6 +74,10 @@ def rank_curves(
         raise ValueError(f"rows carry no '{measure}_clean/<stage>' values; nothing to plot")
     by_step = all(r.get("step") is not None for r in rows)
     x_key = "step" if by_step else "epoch"
+    n_seeds = len({r.get("seed") for r in rows})
+    sds: dict[tuple[str, Any], dict[str, float]] = {}
+    if n_seeds > 1:
+        rows, sds = _over_seeds(rows, x_key)
     # linear from 0 to the first probe, logarithmic beyond: no width spent on empty decades
     first_step = min((r["step"] for r in rows if by_step and r["step"] > 0), default=1)
     last_step = max((r["step"] for r in rows if by_step), default=1)
@@ -79,8 +97,13 @@ def rank_curves(
         for j, stage in enumerate(stages):
             ax = axes[i, j]
             for group in RANK_GROUPS:
-                values = [r.get(f"{measure}_{group}/{stage}") for r in mine]
+                name = f"{measure}_{group}/{stage}"
+                values = [r.get(name) for r in mine]
                 ax.plot(xs, values, marker="o", color=colors[group], label=GROUP_LABELS[group])
+                if sds:
+                    sd = np.array([sds[(attack, x)][name] for x in xs])
+                    mean = np.array(values, dtype=float)
+                    ax.fill_between(xs, mean - sd, mean + sd, color=colors[group], alpha=0.2)
             ax.set_title(f"{attack} - {stage}", fontsize=10)
             if by_step:
                 ax.set_xscale("symlog", linthresh=first_step, linscale=0.4)
@@ -132,8 +155,11 @@ def rank_curves(
     counts = sorted({int(r["rank_samples"]) for r in rows if r.get("rank_samples") is not None})
     count_text = "/".join(str(c) for c in counts) if counts else "?"
     when = "per optimizer step (dotted: end of epoch 1)" if by_step else "per epoch"
+    seeds_text = f"; mean of {n_seeds} seeds, band: sd" if n_seeds > 1 else ""
     fig.suptitle(
-        title or f"{MEASURES[measure]} {when} at equal counts: {count_text} test images per group",
+        title
+        or f"{MEASURES[measure]} {when} at equal counts: {count_text} test images per group"
+        + seeds_text,
         y=1.0,
     )
     fig.tight_layout(rect=(0, 0.05, 1, 0.98))

@@ -59,11 +59,13 @@ def probe_steps(profile: str | None = None) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(f * steps) for f in PROBE_FRACTIONS))
 
 
-def config_for(attack: str, profile: str | None = None) -> ExperimentConfig:
+def config_for(
+    attack: str, profile: str | None = None, seed: int | None = None
+) -> ExperimentConfig:
     """The run of one attack: cnn-small, rank tracking at every stage after every epoch and
     at `probe_steps(profile)`, the attack's study rate (`attack_rate`: 10 %, 5 % for a clean-label
     attack, which poisons only target-class images: 10 % of the set would be nearly all of
-    them).
+    them). `seed`: default the profile's first.
 
     The spectra study and the notebooks reuse these configs, so their models come from the
     cache instead of being trained again.
@@ -76,12 +78,15 @@ def config_for(attack: str, profile: str | None = None) -> ExperimentConfig:
         poison_rate=attack_rate(attack),
         track_stages=model_stages(),
         track_steps=probe_steps(profile),
+        **({} if seed is None else {"seed": seed}),
     )
 
 
-def history_rows(attack: str, history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def history_rows(
+    attack: str, history: Sequence[dict[str, Any]], seed: int = 0
+) -> list[dict[str, Any]]:
     """Table rows of one run's history, each epoch's probes (mid-epoch, `step` and a fractional
-    `epoch`) before the epoch's row: attack, epoch, step (None in runs recorded before
+    `epoch`) before the epoch's row: attack, seed, epoch, step (None in runs recorded before
     steps), loss (None at probes), acc, asr, asr_correct (ASR among the images classified right
     without the trigger; None before it was recorded or when none is), rank_samples and every `erank_<group>/<stage>`
     and `srank_<group>/<stage>` value, with the centred `erank_centred_<group>/<stage>` and
@@ -93,6 +98,7 @@ def history_rows(attack: str, history: Sequence[dict[str, Any]]) -> list[dict[st
             raise ValueError(f"history row of {attack!r} lacks {missing}; has {sorted(entry)}")
         row: dict[str, Any] = {
             "attack": attack,
+            "seed": seed,
             "epoch": entry["epoch"],
             "step": entry.get("step"),
             "loss": entry.get("loss"),
@@ -107,23 +113,32 @@ def history_rows(attack: str, history: Sequence[dict[str, Any]]) -> list[dict[st
 
 
 def run(
-    profile: str | None = None, *, progress: bool = True, attacks: Sequence[str] | None = None
+    profile: str | None = None,
+    *,
+    progress: bool = True,
+    attacks: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> StudyResult:
-    """Train (or load) one tracked cnn-small per attack; one row per attack and epoch."""
+    """Train (or load) one tracked cnn-small per attack and seed (default: the profile's
+    first); one row per attack, seed and measurement (epoch end or probe)."""
     prof = get_profile(profile)
     chosen = tuple(attacks) if attacks is not None else ATTACKS[prof.name]
+    chosen_seeds = tuple(seeds) if seeds is not None else (prof.seeds[0],)
+    if not chosen_seeds:
+        raise ValueError("seeds=[]; give at least one seed")
     rows: list[dict[str, Any]] = []
     records: dict[str, dict[str, Any]] = {}
-    for attack in tqdm(chosen, desc=NAME, disable=not progress):
-        result = run_experiment(config_for(attack, prof.name), progress=progress)
-        records[attack] = result.record
-        rows.extend(history_rows(attack, result.record["history"]))
+    runs = [(attack, seed) for attack in chosen for seed in chosen_seeds]
+    for attack, seed in tqdm(runs, desc=NAME, disable=not progress):
+        result = run_experiment(config_for(attack, prof.name, seed), progress=progress)
+        records[f"{attack}/seed{seed}"] = result.record
+        rows.extend(history_rows(attack, result.record["history"], seed))
     counts = sorted({int(r["rank_samples"]) for r in rows if r["rank_samples"] is not None})
     return StudyResult(
         name=NAME,
         profile=prof.name,
         rows=rows,
-        seeds=(prof.seeds[0],),
+        seeds=chosen_seeds,
         data={"records": records},
         notes={
             "attacks": list(chosen),

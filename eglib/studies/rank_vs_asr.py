@@ -88,9 +88,9 @@ def history_rows(
     """Table rows of one run's history, each epoch's probes (mid-epoch, `step` and a fractional
     `epoch`) before the epoch's row: attack, seed, epoch, step (None in runs recorded before
     steps), loss (None at probes), acc, asr, asr_correct (ASR among the images classified right
-    without the trigger; None before it was recorded or when none is), rank_samples and every `erank_<group>/<stage>`
-    and `srank_<group>/<stage>` value, with the centred `erank_centred_<group>/<stage>` and
-    `srank_centred_<group>/<stage>` where recorded."""
+    without the trigger; None before it was recorded or when none is), rank_samples and
+    every `erank_<group>/<stage>` and `srank_<group>/<stage>` value, with the centred
+    `erank_centred_<group>/<stage>` and `srank_centred_<group>/<stage>` where recorded."""
     rows = []
     for entry in (e for epoch in history for e in (*epoch.get("probes", ()), epoch)):
         missing = [k for k in ("epoch", "acc", "asr") if k not in entry]

@@ -39,6 +39,7 @@ class _Triggered:
     images: torch.Tensor
     labels: torch.Tensor
     source_labels: torch.Tensor
+    idx: torch.Tensor | None = None  # the test images the triggered ones were made from
 
 
 class _CentreGuard(nn.Module):
@@ -375,7 +376,10 @@ def test_a_runs_headline_metrics_are_per_sample_whatever_the_guards_mode() -> No
     # half dark (class 0), half bright (class 1): a batch mean of 0.55 sinks the bright ones
     images = torch.cat([_flat(100, 51), _flat(100, 230)])
     labels = torch.cat([torch.zeros(100), torch.ones(100)]).long()
-    trig = _Triggered(_flat(50, 204), torch.ones(50).long(), torch.zeros(50).long())
+    # made from the dark (class 0) test images
+    trig = _Triggered(
+        _flat(50, 204), torch.ones(50).long(), torch.zeros(50).long(), torch.arange(50)
+    )
     data = SimpleNamespace(test_images=images, test_labels=labels, triggered=trig)
     cfg = SimpleNamespace(poison_rate=0.1, seed=0)
     metrics = evaluate_run(model, cfg, data)  # type: ignore[arg-type]
@@ -383,7 +387,8 @@ def test_a_runs_headline_metrics_are_per_sample_whatever_the_guards_mode() -> No
     assert metrics["protocols"]["pure"]["acc"] < 1.0  # the batch mode does differ here
     assert metrics["asr"] == metrics["protocols"]["per_sample"]["asr"]
     assert metrics["asr"] not in (metrics["protocols"][p]["asr"] for p in ("mixed", "pure"))
-    assert _epoch_metrics(data)(model) == {"acc": 1.0, "asr": 1.0}  # type: ignore[arg-type]
+    epoch = _epoch_metrics(data)(model)  # type: ignore[arg-type]
+    assert epoch == {"acc": 1.0, "asr": 1.0, "asr_correct": 1.0}
     no_attack = evaluate_run(model, cfg, SimpleNamespace(**{**vars(data), "triggered": None}))
     assert no_attack == {"acc": 1.0} and guard.eval_mode == "batch"  # and restored
 

@@ -553,6 +553,16 @@ def check_uint8_images(images: torch.Tensor, name: str = "images") -> None:
         raise ValueError(f"{name} must be non-empty uint8 (N, C, H, W); got {got}")
 
 
+def check_paired_images(clean_images: torch.Tensor, triggered_images: torch.Tensor) -> None:
+    """ValueError unless the two image tensors have one shape: row i of the triggered images
+    is row i of the clean ones with the trigger."""
+    if clean_images.shape != triggered_images.shape:
+        raise ValueError(
+            f"clean and triggered images must pair up row by row; got shapes "
+            f"{tuple(clean_images.shape)} and {tuple(triggered_images.shape)}"
+        )
+
+
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float32 in [0, 1] on the same device (what models take)."""
     if images.dtype != torch.uint8:

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from eglib.data import check_uint8_images, to_float
+from eglib.data import check_paired_images, check_uint8_images, to_float
 from eglib.params import check_float, check_int
 
 # The batches of the 'mixed' and 'pure' protocols (a batch-wise guard's ACC and ASR depend on
@@ -180,12 +180,8 @@ def correct_attack_success_rate(
     and has no image here: None when none is classified correctly."""
     for images, name in ((clean_images, "clean_images"), (triggered_images, "triggered_images")):
         check_uint8_images(images, name)
+    check_paired_images(clean_images, triggered_images)
     n = triggered_images.shape[0]
-    if clean_images.shape != triggered_images.shape:
-        raise ValueError(
-            f"clean and triggered images must pair up row by row; got shapes "
-            f"{tuple(clean_images.shape)} and {tuple(triggered_images.shape)}"
-        )
     _check_labels(target_labels, n, "target_labels")
     _check_labels(source_labels, n, "source_labels")
     counted = source_labels != target_labels

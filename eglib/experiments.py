@@ -436,17 +436,18 @@ def _epoch_metrics(data: ExperimentData, n: int = 1000) -> Any:
     and `asr_correct`, the ASR among those the model classifies right without the trigger
     (None when none is: early in training a model that puts every image in one class scores
     an ASR of 0 or 100 % that says nothing about the trigger)."""
+    trig = data.triggered
+    if trig is not None:  # the images of the triggered rows, chosen once, not every epoch
+        args = (trig.images[:n], trig.labels[:n], trig.source_labels[:n])
+        clean = data.test_images[trig.idx[:n]]
 
     def evaluate_epoch(model: StagedNet) -> dict[str, float | None]:
         with guards_eval_mode(model, "running"):  # per sample, as the run's reported metrics
             row: dict[str, float | None] = {
                 "acc": accuracy(model, data.test_images[:n], data.test_labels[:n])
             }
-            if data.triggered is not None:
-                trig = data.triggered
-                args = (trig.images[:n], trig.labels[:n], trig.source_labels[:n])
+            if trig is not None:
                 row["asr"] = attack_success_rate(model, *args)
-                clean = data.test_images[trig.idx[:n]]
                 row["asr_correct"] = correct_attack_success_rate(model, clean, *args)
         return row
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from eglib.data import check_uint8_images, to_float
+from eglib.data import check_paired_images, check_uint8_images, to_float
 from eglib.models.base import StagedNet
 from eglib.params import check_bool, check_choice, check_integer
 
@@ -396,11 +396,7 @@ def _paired_features(
     eval_mode: str = "running",
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per stage: (clean features, triggered features, their difference) for paired images."""
-    if clean_images.shape != triggered_images.shape:
-        raise ValueError(
-            f"clean and triggered images must pair up row by row; got shapes "
-            f"{tuple(clean_images.shape)} and {tuple(triggered_images.shape)}"
-        )
+    check_paired_images(clean_images, triggered_images)
     clean = capture_features(model, clean_images, stages, batch_size, device, eval_mode=eval_mode)
     triggered = capture_features(
         model, triggered_images, stages, batch_size, device, eval_mode=eval_mode
@@ -467,11 +463,7 @@ class RankTracker:
     ) -> None:
         check_uint8_images(clean_images, "clean_images")
         check_uint8_images(triggered_images, "triggered_images")
-        if clean_images.shape != triggered_images.shape:
-            raise ValueError(
-                f"clean and triggered images must pair up row by row; got shapes "
-                f"{tuple(clean_images.shape)} and {tuple(triggered_images.shape)}"
-            )
+        check_paired_images(clean_images, triggered_images)
         self.stages = tuple(_stage_names(stages))
         count = min(check_integer("n_samples", n_samples, 2), len(clean_images))
         self.batch_size = check_integer("batch_size", batch_size, 1)

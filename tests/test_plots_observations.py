@@ -234,6 +234,24 @@ def test_separation_summary_bars() -> None:
     assert heights == [[0.01, 0.2, 0.9], [0.09, 0.1, 0.8], [0.2, 0.7]]
     assert [len(ax.patches) for ax in fig.axes] == [12, 12, 8]
     assert "k = 10" in fig.get_suptitle()
+    assert not any(ax.lines for ax in fig.axes) and "seed" not in fig.get_suptitle()
+    plt.close(fig)
+
+
+def test_separation_summary_averages_seeds_and_marks_each() -> None:
+    rows = [
+        {"attack": "badnets", "stage": s, "seed": seed, "k": 10, "energy_top_mixed": value}
+        for s, values in (("stem", (0.1, 0.5)), ("layer1", (0.6, 0.8)))
+        for seed, value in enumerate(values)
+    ]
+    fig = separation_summary(rows)
+    energy = fig.axes[0]
+    assert [round(p.get_height(), 3) for p in energy.patches] == [0.3, 0.7]  # type: ignore[attr-defined]
+    [dots] = energy.lines
+    assert list(_y(dots.get_ydata())) == [0.1, 0.5, 0.6, 0.8]
+    assert list(_y(dots.get_xdata())) == [0, 0, 1, 1]
+    assert [t.get_text() for t in energy.get_xticklabels()] == ["badnets\nstem", "badnets\nlayer1"]
+    assert "mean of seeds 0, 1" in fig.get_suptitle()
     plt.close(fig)
 
 

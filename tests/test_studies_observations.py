@@ -291,6 +291,30 @@ def test_spectra_run_rows_and_records(monkeypatch: pytest.MonkeyPatch) -> None:
     assert tsne[0]["xy"].shape == (63, 2) and int(tsne[0]["poisoned"].sum()) == 6
 
 
+def test_spectra_run_measures_every_seed_and_draws_the_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[Any] = []
+
+    def fake(cfg: Any, progress: bool = True) -> Any:
+        seen.append(cfg)
+        return _fake_spectra_result(cfg, progress)
+
+    monkeypatch.setattr(spectra, "run_experiment", fake)
+    result = spectra.run("ci", progress=False, attacks=("badnets",), seeds=[2, 1], k=4)
+    assert [(c.attack, c.seed) for c in seen] == [("badnets", 2), ("badnets", 1)]
+    assert seen[0].key() == rank_vs_asr.config_for("badnets", "ci", 2).key()
+    assert result.seeds == (2, 1)
+    assert [r["seed"] for r in result.rows] == [2] * len(CNN_STAGES) + [1] * len(CNN_STAGES)
+    # the same model, other rows and mask: the seed picks the test images measured
+    assert result.rows[0]["energy_top_mixed"] != result.rows[len(CNN_STAGES)]["energy_top_mixed"]
+    assert len(result.data["spectra"]) == 4 * len(CNN_STAGES)  # the first seed's only
+    assert result.notes["spectra_and_tsne_seed"] == 2
+    assert [c["seed"] for c in result.notes["configs"]] == [2, 1]
+    with pytest.raises(ValueError, match="seeds=\\[\\]"):
+        spectra.run("ci", progress=False, seeds=[])
+
+
 def test_make_figures_writes_png_csv_json(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(spectra, "run_experiment", _fake_spectra_result)
     monkeypatch.setattr(spectra, "ATTACKS", ("badnets",))
@@ -406,9 +430,10 @@ def test_make_figures_says_which_option_is_wrong(
     ):
         make_figures("ci", tmp_path, only=["subset"], options={"seeds": (0,), "grid": "lite"})
     with pytest.raises(
-        ValueError, match=r"'spectra' does not take \['seeds'\] \(it takes \['attacks'\]"
+        ValueError,
+        match=r"'spectra' does not take \['defenses'\] \(it takes \['attacks', 'seeds'\]",
     ):
-        make_figures("ci", tmp_path, only=["spectra"], options={"seeds": (0,)})
+        make_figures("ci", tmp_path, only=["spectra"], options={"defenses": ("none",)})
     bare = SimpleNamespace(run=lambda profile=None, *, progress=True: None, figures=dict)
     monkeypatch.setitem(studies.STUDIES, "bare", bare)
     with pytest.raises(ValueError, match=r"'bare' does not take \['seeds'\] \(it takes none\)"):

@@ -199,28 +199,47 @@ SUMMARY_PANELS: dict[str, dict[str, str]] = {
 def separation_summary(rows: Sequence[dict[str, Any]], *, title: str | None = None) -> Figure:
     """Bars per (attack, stage) for the numbers behind observation 2 (see `SUMMARY_PANELS`).
 
-    `rows`: the spectra study's rows (one per attack and stage) with the columns named in
-    `SUMMARY_PANELS`; missing columns are skipped.
+    `rows`: the spectra study's rows (one per attack, stage and, when they carry `seed`,
+    seed) with the columns named in `SUMMARY_PANELS`; missing columns are skipped. With
+    several seeds a bar is their mean and a black dot marks each seed's value.
     """
     if not rows:
         raise ValueError("no rows to summarise")
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((str(r["attack"]), str(r["stage"])), []).append(r)
+    several_seeds = any(len(g) > 1 for g in groups.values())
     use_style()
-    fig, axes = plt.subplots(1, len(SUMMARY_PANELS), figsize=(5.2 * len(SUMMARY_PANELS), 3.6))
-    ticks = [f"{r['attack']}\n{r['stage']}" for r in rows]
-    x = np.arange(len(rows))
+    fig, axes = plt.subplots(1, len(SUMMARY_PANELS), figsize=(5.2 * len(SUMMARY_PANELS), 4.4))
+    ticks = [f"{attack}\n{stage}" for attack, stage in groups]
+    x = np.arange(len(groups))
     for ax, (panel, columns) in zip(axes, SUMMARY_PANELS.items(), strict=True):
         present = [c for c in columns if any(c in r for r in rows)]
         width = 0.8 / max(1, len(present))
         for i, column in enumerate(present):
-            values = [float(r.get(column, np.nan)) for r in rows]
-            ax.bar(x + (i - (len(present) - 1) / 2) * width, values, width, label=columns[column])
+            values = [[float(r.get(column, np.nan)) for r in g] for g in groups.values()]
+            at = x + (i - (len(present) - 1) / 2) * width
+            ax.bar(at, [np.mean(v) for v in values], width, label=columns[column])
+            if several_seeds:
+                ax.plot(
+                    np.repeat(at, [len(v) for v in values]),
+                    np.concatenate(values),
+                    "o",
+                    color="black",
+                    markersize=2.5,
+                    label="one seed" if i == 0 else None,
+                )
         ax.set_xticks(x, ticks, fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_title(panel, fontsize=10)
-        ax.legend(fontsize=8)
+        if present:  # below the panel: the bars reach the top
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     k_values = sorted({int(r["k"]) for r in rows if "k" in r})
+    seeds = sorted({int(r["seed"]) for r in rows if "seed" in r})
+    seed_note = f"; mean of seeds {', '.join(map(str, seeds))}" if several_seeds else ""
     fig.suptitle(
-        title or f"is the trigger in the top-k subspace? (k = {'/'.join(map(str, k_values))})",
+        title
+        or f"is the trigger in the top-k subspace? (k = {'/'.join(map(str, k_values))}{seed_note})",
         y=1.0,
     )
     fig.tight_layout()

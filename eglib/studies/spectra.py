@@ -170,18 +170,25 @@ def run(
     *,
     progress: bool = True,
     attacks: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
     k: int = K,
 ) -> StudyResult:
-    """Measure every stage of the rank_vs_asr study's trained models (same configs: cached)."""
+    """Measure every stage of the rank_vs_asr study's trained models (same configs: cached),
+    one row per attack, seed (default: the profile's first) and stage; the spectra and t-SNE
+    are drawn for the first seed only."""
     prof = get_profile(profile)
     attacks = ATTACKS if attacks is None else tuple(attacks)
+    chosen_seeds = tuple(seeds) if seeds is not None else (prof.seeds[0],)
+    if not chosen_seeds:
+        raise ValueError("seeds=[]; give at least one seed")
     settings = SETTINGS[prof.name]
-    seed = prof.seeds[0]
     rows: list[dict[str, Any]] = []
     spectrum_records: list[dict[str, Any]] = []
     tsne: list[dict[str, Any]] = []
-    for attack in tqdm(attacks, desc=NAME, disable=not progress):
-        result = run_experiment(rank_vs_asr.config_for(attack, prof.name), progress=progress)
+    runs = [(attack, seed) for attack in attacks for seed in chosen_seeds]
+    for attack, seed in tqdm(runs, desc=NAME, disable=not progress):
+        cfg = rank_vs_asr.config_for(attack, prof.name, seed)
+        result = run_experiment(cfg, progress=progress)
         clean_images, trig_images, source_labels = paired_test_images(result, settings.rows, seed)
         n = len(clean_images)
         classes = source_labels.cpu()
@@ -190,17 +197,21 @@ def run(
         clean = capture_features(result.model, clean_images, stages)
         triggered = capture_features(result.model, trig_images, stages)
         metrics = result.record["metrics"]
+        drawn = seed == chosen_seeds[0]
         for stage in stages:
             measures = stage_measures(clean[stage], triggered[stage], mask, classes, k=k, seed=seed)
             rows.append(
                 {
                     "attack": attack,
+                    "seed": seed,
                     "stage": stage,
                     **measures.row,
                     "model_acc": metrics["acc"],
                     "model_asr": metrics.get("asr"),
                 }
             )
+            if not drawn:
+                continue
             spectrum_records.extend(
                 {
                     "attack": attack,
@@ -221,7 +232,7 @@ def run(
         name=NAME,
         profile=prof.name,
         rows=rows,
-        seeds=(seed,),
+        seeds=chosen_seeds,
         data={"spectra": spectrum_records, "tsne": tsne},
         notes={
             "attacks": list(attacks),
@@ -229,9 +240,10 @@ def run(
             "rows_per_group": settings.rows,
             "mix_rate": MIX_RATE,
             "tsne_stages": list(settings.tsne_stages),
+            "spectra_and_tsne_seed": chosen_seeds[0],
             "n_neighbors": N_NEIGHBORS,
             "centred": False,
-            "configs": [rank_vs_asr.config_for(a, prof.name).to_dict() for a in attacks],
+            "configs": [rank_vs_asr.config_for(a, prof.name, seed).to_dict() for a, seed in runs],
         },
     )
 

@@ -62,11 +62,6 @@ def _check_labels(labels: torch.Tensor, n: int, name: str) -> None:
         raise ValueError(f"{name} must be int64 ({n},); got {labels.dtype} {tuple(labels.shape)}")
 
 
-def _check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r}; must be an int >= 1")
-
-
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """Run the block with `model` in eval mode and no gradients; afterwards every submodule
@@ -109,7 +104,7 @@ def predict(
     `device` None: the model's device; otherwise the model is moved there.
     """
     check_uint8_images(images)
-    _check_batch_size(batch_size)
+    check_int("batch_size", batch_size, 1)
     dev = torch.device(device) if device is not None else _model_device(model)
     model.to(dev)
     return predict_batches(model, even_batches(images, batch_size), dev)
@@ -315,7 +310,7 @@ def evaluate_protocols(
             f"triggered images {tuple(trig_x.shape[1:])} and clean images "
             f"{tuple(clean_images.shape[1:])} differ in shape"
         )
-    _check_batch_size(batch_size)
+    check_int("batch_size", batch_size, 1)
     check_int("seed", seed, 0)
     dev = torch.device(device) if device is not None else _model_device(model)
     model.to(dev)

@@ -9,22 +9,19 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def check_int(name: str, value: object, minimum: int) -> int:
-    """`value` as an int >= `minimum` (bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r}; must be an int >= {minimum}")
-    return value
-
-
-def check_integer(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
-    """`value` (a Python or NumPy integer, not a bool) as an int in [minimum, maximum]."""
+def check_int(
+    name: str, value: object, minimum: int, maximum: int | None = None, *, numpy: bool = False
+) -> int:
+    """`value` as a Python int in [minimum, maximum] (no upper bound when None); bools are
+    refused, NumPy integers accepted only when `numpy`."""
     is_bool = isinstance(value, (bool, np.bool_))
-    number = int(value) if not is_bool and isinstance(value, (int, np.integer)) else None
-    if number is None or number < minimum or (maximum is not None and number > maximum):
-        kind = "an integer (not a bool)" if is_bool else "an integer"
+    kinds = (int, np.integer) if numpy else (int,)
+    ok = not is_bool and isinstance(value, kinds)
+    if not ok or value < minimum or (maximum is not None and value > maximum):  # type: ignore[operator]
+        kind = "an int (not a bool)" if is_bool else "an int"
         bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"{name}={value!r}; must be {kind} {bounds}")
-    return number
+    return int(value)  # type: ignore[call-overload]
 
 
 def check_float(

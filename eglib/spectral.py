@@ -25,7 +25,7 @@ from torch import nn
 
 from eglib.data import check_paired_images, check_uint8_images, to_float
 from eglib.models.base import StagedNet
-from eglib.params import check_bool, check_choice, check_integer
+from eglib.params import check_bool, check_choice, check_int
 
 # singular values below RANK_TOL * s_max are round-off (of float32 features, or of the Gram route)
 RANK_TOL = 1e-6
@@ -253,7 +253,7 @@ def _rows64(A: torch.Tensor, k: int, center: bool) -> tuple[torch.Tensor, int]:
     """A as a float64 (B, D) matrix, centred if asked, and k as an int; ValueError unless k is
     an integer (NumPy ones too, not a bool) in [1, min(B, D)]."""
     M = flatten_rows(A).to(torch.float64)
-    k = check_integer("k", k, 1, min(M.shape))
+    k = check_int("k", k, 1, min(M.shape), numpy=True)
     return (M - M.mean(dim=0, keepdim=True) if check_bool("center", center) else M), k
 
 
@@ -267,7 +267,7 @@ def equal_count_subsample(
     Sizes and count are integers (Python or NumPy; bools and floats are refused).
     """
     try:
-        groups = [check_integer("size", n, 1) for n in sizes]
+        groups = [check_int("size", n, 1, numpy=True) for n in sizes]
     except (TypeError, ValueError):
         groups = []
     if not groups:
@@ -276,7 +276,7 @@ def equal_count_subsample(
             f"sizes={shown!r}; need at least one group, each an integer number of rows >= 1"
         )
     smallest = min(groups)
-    chosen = smallest if count is None else check_integer("count", count, 1)
+    chosen = smallest if count is None else check_int("count", count, 1, numpy=True)
     if chosen > smallest:
         raise ValueError(f"count={count!r}; must be in [1, smallest group = {smallest}]")
     generator = torch.Generator().manual_seed(seed)
@@ -333,7 +333,7 @@ def capture_features(
 
     names = _stage_names(stages)
     check_uint8_images(images_uint8)
-    batch_size = check_integer("batch_size", batch_size, 1)
+    batch_size = check_int("batch_size", batch_size, 1, numpy=True)
     check_choice("eval_mode", eval_mode, EVAL_MODES)
     modules = {name: model.feature_module(name) for name in names}
     dev = model_device(model) if device is None else torch.device(device)
@@ -418,7 +418,7 @@ def tsne_embed(
     from threadpoolctl import threadpool_limits
 
     M = flatten_rows(X)
-    max_points = check_integer("max_points", max_points, 2)
+    max_points = check_int("max_points", max_points, 2, numpy=True)
     if len(M) > max_points:
         indices = equal_count_subsample([len(M)], count=max_points, seed=seed)[0]
     else:
@@ -465,8 +465,8 @@ class RankTracker:
         check_uint8_images(triggered_images, "triggered_images")
         check_paired_images(clean_images, triggered_images)
         self.stages = tuple(_stage_names(stages))
-        count = min(check_integer("n_samples", n_samples, 2), len(clean_images))
-        self.batch_size = check_integer("batch_size", batch_size, 1)
+        count = min(check_int("n_samples", n_samples, 2, numpy=True), len(clean_images))
+        self.batch_size = check_int("batch_size", batch_size, 1, numpy=True)
         rows = equal_count_subsample([len(clean_images)], count=count, seed=seed)[0]
         self.clean = clean_images[rows]
         self.triggered = triggered_images[rows]

@@ -39,6 +39,7 @@ from eglib.evaluate import EVAL_BATCH_SIZE, PROTOCOLS, evaluate_protocols, mixed
 from eglib.experiments import ExperimentResult
 from eglib.guard import EigenGuard, is_identity_filter, remove_guard
 from eglib.models.base import StagedNet
+from eglib.params import check_int
 from eglib.spectral import (
     capture_features,
     equal_count_subsample,
@@ -237,13 +238,6 @@ def _metrics_table(metrics: dict[str, Metrics], caption: str) -> str:
     )
 
 
-def _check_count(name: str, value: object, minimum: int) -> int:
-    """`value` if it is an int >= minimum, else ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r}; must be an int >= {minimum}")
-    return value
-
-
 class SpectralExplorer:
     """Interactive view of the feature spectrum of backdoored models and of EigenGuard at k.
 
@@ -275,14 +269,13 @@ class SpectralExplorer:
             raise ValueError(
                 f"results={results!r}; pass a non-empty mapping {{attack name: ExperimentResult}}"
             )
-        self.n_eval = _check_count("n_eval", n_eval, 4)
-        self.n_metrics = _check_count("n_metrics", n_metrics, 2)
-        self.n_triggered = _check_count("n_triggered", n_triggered, 1)
-        self.seed = _check_count("seed", seed, 0)
+        self.n_eval = check_int("n_eval", n_eval, 4)
+        self.n_metrics = check_int("n_metrics", n_metrics, 2)
+        self.n_triggered = check_int("n_triggered", n_triggered, 1)
+        self.seed = check_int("seed", seed, 0)
         self._sets = {str(name): self._prepare(str(name), r) for name, r in results.items()}
         first = next(iter(self._sets.values()))
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= first.k_max:
-            raise ValueError(f"k={k!r}; must be an int in [1, {first.k_max}]")
+        check_int("k", k, 1, first.k_max)
         self._layers: OrderedDict[tuple[str, str], _LayerState] = OrderedDict()
         self._guarded: dict[tuple[str, str, int], Metrics] = {}
         self._unguarded: dict[str, Metrics] = {}

@@ -418,9 +418,9 @@ def test_empty_spectra_and_numpy_k() -> None:
     A = torch.randn(5, 8, generator=_gen(23))
     torch.testing.assert_close(top_right_basis(A, np.int64(3)), top_right_basis(A, 3))
     assert top_coordinates(A, np.int64(2)).shape == (5, 2)
-    with pytest.raises(ValueError, match=r"k=True; must be an integer \(not a bool\) in \[1, 5\]"):
+    with pytest.raises(ValueError, match=r"k=True; must be an int \(not a bool\) in \[1, 5\]"):
         top_right_basis(A, True)
-    with pytest.raises(ValueError, match=r"k=np.int64\(9\); must be an integer in \[1, 5\]"):
+    with pytest.raises(ValueError, match=r"k=np.int64\(9\); must be an int in \[1, 5\]"):
         top_right_basis(A, np.int64(9))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from eglib.models.base import StagedNet
+from eglib.params import check_int
 from eglib.registry import add_entry, lookup
 
 ModelBuilder = Callable[[int, int], StagedNet]
@@ -35,11 +36,6 @@ def make_model(name: str, num_classes: int, in_channels: int = 3) -> StagedNet:
     num_classes < 2 or in_channels < 1.
     """
     builder = lookup(MODELS, "model", name)
-    _check_count("num_classes", num_classes, minimum=2)
-    _check_count("in_channels", in_channels, minimum=1)
+    check_int("num_classes", num_classes, 2)
+    check_int("in_channels", in_channels, 1)
     return builder(num_classes, in_channels)
-
-
-def _check_count(label: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{label} must be an int >= {minimum}, got {value!r}")

@@ -11,6 +11,7 @@ import numpy as np
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from eglib.params import check_int
 from eglib.plots.common import use_style
 
 SPECTRUM_GROUPS = ("clean", "triggered", "mixed", "diff")
@@ -107,8 +108,7 @@ def _mixed_label(records: Sequence[dict[str, Any]]) -> str:
 
 def class_palette(n_classes: int) -> list[tuple[float, float, float]]:
     """One distinct colour per class: tab10 up to 10 classes, tab20 up to 20, else husl hues."""
-    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
-        raise ValueError(f"n_classes={n_classes!r}; must be an int >= 1")
+    check_int("n_classes", n_classes, 1)
     if n_classes <= 10:
         return list(sns.color_palette("tab10", 10))[:n_classes]
     if n_classes <= 20:

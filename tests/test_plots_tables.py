@@ -137,6 +137,12 @@ def test_detection_heatmaps_rates_as_columns() -> None:
     assert len(heat) == 3
     assert [t.get_text() for t in heat[0].get_xticklabels()] == ["1 %", "5 %", "10 %"]
     assert [t.get_text() for t in heat[0].get_yticklabels()] == ["badnets / ss", "badnets / ac"]
+    # the same rows in every panel: their labels only once, beside the first (they overlapped
+    # the next panel's heat map when every panel carried them)
+    assert [ax.yaxis.get_tick_params()["labelleft"] for ax in heat] == [True, False, False]
+    fig.canvas.draw()  # the constrained layout: equal heat maps beside the one set of labels
+    widths = [ax.get_position().width for ax in heat]
+    assert max(widths) - min(widths) < 0.02 * max(widths)
     assert _texts(heat[0])[:3] == ["0.51", "0.55", "0.60"]  # AUROC: 0-1, two digits
     assert _texts(heat[1])[0] == "80.0 ± 10.0"
     assert heat[0].collections[0].get_clim() == (0.0, 1.0)

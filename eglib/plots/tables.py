@@ -202,24 +202,34 @@ def metric_heatmap(
     return ax
 
 
-def _panels(n: int, width: float, height: float) -> tuple[Figure, list[Axes]]:
-    """A figure with n side-by-side panels of the given size each (see `_share_rows`)."""
+def _panels(n: int, width: float, height: float, labels: float) -> tuple[Figure, list[Axes]]:
+    """A figure with n side-by-side panels of the given size each, plus the `labels` inches
+    the first panel's row labels take (the others drop theirs: see `_share_rows`); the
+    constrained layout gives the panels equal widths beside those labels."""
     use_style()
-    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1, n, figsize=(width * n + labels, height), squeeze=False, layout="constrained"
+    )
     return fig, list(axes[0])
 
 
 def _share_rows(axes: Sequence[Axes]) -> None:
-    """Panels side by side share their row labels: keep the axis title on the first only."""
+    """Panels side by side share their row labels: the axis title, and the tick labels where
+    they are the first panel's, are kept on the first only."""
+    first = [t.get_text() for t in axes[0].get_yticklabels()]
     for ax in axes[1:]:
         ax.set_ylabel("")
+        if [t.get_text() for t in ax.get_yticklabels()] == first:
+            ax.tick_params(axis="y", labelleft=False)
 
 
-def _size(rows: Sequence[dict[str, Any]], index: Key, columns: Key) -> tuple[float, float]:
-    """Panel (width, height) in inches for a table of these rows."""
-    n_ind = len({_key_of(r, index) for r in rows})
+def _size(rows: Sequence[dict[str, Any]], index: Key, columns: Key) -> tuple[float, float, float]:
+    """Panel (width, height) in inches for a table of these rows, and the width of the row
+    labels and axis title beside the first panel."""
+    labels = {str(_key_of(r, index)) for r in rows}
     n_col = len({_key_of(r, columns) for r in rows})
-    return 2.0 + 1.3 * n_col, max(2.6, 1.3 + 0.45 * n_ind)
+    label_width = 0.45 + 0.07 * max(len(label) for label in labels)
+    return 1.5 + 1.3 * n_col, max(2.6, 1.3 + 0.45 * len(labels)), label_width
 
 
 def defence_heatmaps(
@@ -364,12 +374,12 @@ def adaptive_summary(
     ranked = [r for r in table if r.get("defense") == rank_defense]
     if not ranked:
         raise ValueError(f"no rows of defence {rank_defense!r} to take the ranks from")
-    width, height = _size(table, "attack", "defense")
+    width, height, labels = _size(table, "attack", "defense")
     use_style()
     fig, axes = plt.subplots(
         1,
         3,
-        figsize=(4.5 + 2 * width, max(height, 3.4)),
+        figsize=(4.5 + 2 * width + labels, max(height, 3.4)),
         width_ratios=[4.5, width, width],
         layout="constrained",
     )

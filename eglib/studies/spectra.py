@@ -185,9 +185,11 @@ def run(
     rows: list[dict[str, Any]] = []
     spectrum_records: list[dict[str, Any]] = []
     tsne: list[dict[str, Any]] = []
+    configs: list[dict[str, Any]] = []
     runs = [(attack, seed) for attack in attacks for seed in chosen_seeds]
     for attack, seed in tqdm(runs, desc=NAME, disable=not progress):
         cfg = rank_vs_asr.config_for(attack, prof.name, seed)
+        configs.append(cfg.to_dict())
         result = run_experiment(cfg, progress=progress)
         clean_images, trig_images, source_labels = paired_test_images(result, settings.rows, seed)
         n = len(clean_images)
@@ -243,7 +245,7 @@ def run(
             "spectra_and_tsne_seed": chosen_seeds[0],
             "n_neighbors": N_NEIGHBORS,
             "centred": False,
-            "configs": [rank_vs_asr.config_for(a, prof.name, seed).to_dict() for a, seed in runs],
+            "configs": configs,
         },
     )
 

@@ -108,6 +108,9 @@ def test_clean_label_attacks_poison_half_the_target_class() -> None:
     full = defence_table.GRIDS["full"]
     for attack in full.detection_attacks:  # every detection run is possible
         assert not defence_table.ATTACKS[attack].clean_label
+    # and every dirty-label attack of the table is scored at 1, 5 and 10 %
+    dirty_label = {"badnets", "blend", "wanet", "ssba", "lf", "bpp", "inputaware", "refool"}
+    assert set(full.detection_attacks) == dirty_label
 
 
 def test_anp_in_the_table_limits_its_accuracy_drop() -> None:

@@ -113,7 +113,11 @@ GRIDS: dict[str, TableGrid] = {
     # all-to-one dirty-label attacks (where the majority-poison pitfall bites); clean-label
     # ones cannot reach 10 % and are scored at their table rate
     "full": TableGrid(
-        ALL_ATTACKS, ALL_DEFENSES, ("badnets", "blend", "wanet", "lf"), DETECTORS, DETECTION_RATES
+        ALL_ATTACKS,
+        ALL_DEFENSES,
+        tuple(a for a in ALL_ATTACKS if not ATTACKS[a].clean_label),
+        DETECTORS,
+        DETECTION_RATES,
     ),
 }
 

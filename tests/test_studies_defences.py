@@ -27,9 +27,9 @@ from eglib.experiments import (
     ExperimentResult,
     run_dir,
     run_experiment,
+    seeded_model,
 )
 from eglib.io import read_json, write_json_atomic
-from eglib.models import make_model
 from eglib.poison import backdoor_testset, make_attack
 from eglib.studies import adaptive, defence_table, runs
 
@@ -453,7 +453,9 @@ def test_trigger_ranks_on_a_tiny_untrained_model() -> None:
     attack = make_attack("badnets", target=0, num_classes=10)
     triggered = backdoor_testset(images, labels, attack, seed=0)
     data = ExperimentData(None, images, labels, images[:0], labels[:0], images, labels, triggered)
-    model = make_model("cnn-small", 10, 1).eval()
+    # seeded: on some initialisations the difference is not lower rank (17.7 vs 17.2 after
+    # the tests that ran before it had drawn from the global generator)
+    model = seeded_model("cnn-small", 10, 1, seed=0).eval()
     cfg = defence_table.table_config("ci", "badnets", "none")
     result = ExperimentResult(cfg, {}, model, data)
     ranks = adaptive.trigger_ranks(result, count=32, seed=0)

@@ -1,9 +1,17 @@
-"""Shared fixtures: a private cache folder and a tiny synthetic data set for run-level tests."""
+"""Shared fixtures: a private cache folder, a tiny synthetic data set for run-level tests, and
+a global generator seeded before every test (so no test depends on which ran before it)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True)
+def _seeded_global_generator() -> None:
+    """Seed torch's global generator: a test that draws from it (an unseeded model's
+    initial weights) sees the same numbers whatever ran before it."""
+    torch.manual_seed(0)
 
 
 @pytest.fixture

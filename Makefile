@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 CI_ENV := EGLIB_PROFILE=ci MPLBACKEND=Agg OMP_WAIT_POLICY=PASSIVE
 
-.PHONY: setup data browser demo test test-fast lint lab figures bench clean
+.PHONY: setup data browser demo test test-fast lint lab figures redraw bench clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,10 @@ lab: setup data
 
 figures: setup data
 	EGLIB_PROFILE=full $(BIN)/python -m eglib figures --out figures/full
+
+# every committed study's figures again from its tables (after a change to eglib.plots)
+redraw: setup
+	MPLBACKEND=Agg $(BIN)/python -m eglib redraw
 
 bench: setup data
 	$(BIN)/python bench/train_throughput.py

@@ -146,6 +146,20 @@ def cmd_figures(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_redraw(args: argparse.Namespace) -> None:
+    """Redraw studies' figures from their saved tables (CSV, JSON), training nothing."""
+    from eglib.studies import STUDIES
+    from eglib.studies.redraw import redraw_folder, study_folders
+
+    folders = args.folders or study_folders(FIGURES, STUDIES, args.only)
+    for folder in folders:
+        written, skipped = redraw_folder(folder, STUDIES, args.only)
+        for name, paths in written.items():
+            print(f"{name}: redrew {', '.join(str(p) for p in paths)}")
+        for name, why in skipped.items():
+            print(f"{name} in {folder}: skipped; {why}")
+
+
 def _positive_int(text: str) -> int:
     """An int >= 1 from the command line."""
     try:
@@ -260,6 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="also every stage of preact-resnet18 in the layer ablation: a GPU's work (ablations)",
     )
     figures.set_defaults(func=cmd_figures)
+
+    redraw = sub.add_parser("redraw", help=cmd_redraw.__doc__)
+    redraw.add_argument(
+        "folders",
+        nargs="*",
+        type=Path,
+        help="folders a study wrote (default: every one under figures/)",
+    )
+    redraw.add_argument("--only", action="append", help="a study name (repeatable)")
+    redraw.set_defaults(func=cmd_redraw)
     return parser
 
 

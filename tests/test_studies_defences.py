@@ -32,6 +32,7 @@ from eglib.experiments import (
 from eglib.io import read_json, write_json_atomic
 from eglib.poison import backdoor_testset, make_attack
 from eglib.studies import adaptive, defence_table, runs
+from eglib.studies.redraw import redraw_folder
 
 PROTOCOLS = ("per_sample", "mixed", "pure")
 
@@ -374,6 +375,29 @@ def test_defence_table_run_tables_and_figures(monkeypatch: pytest.MonkeyPatch) -
         plt.close(fig)
     again = defence_table.run("ci", progress=False)
     assert calls == [3] and again.rows == result.rows  # all cached: nothing rerun
+
+
+def test_defence_table_redrawn_from_its_tables_is_byte_for_byte_the_same(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(runs, "run_grid", _fake_grid([]))
+    monkeypatch.setattr(defence_table, "detector_reports", _fake_reports([]))
+    options = {"attacks": ["blend"], "seeds": [0, 1]}  # detection at 1, 5 and 10 %, 2 seeds
+    paths = studies.make_figures(
+        "lite", tmp_path, ["defence_table"], progress=False, options=options
+    )
+    before = {p: p.read_bytes() for p in paths["defence_table"]}
+    pngs = [p for p in before if p.suffix == ".png"]
+    assert [p.name for p in pngs] == [
+        "defence_table.png",
+        "defence_table_protocols.png",
+        "defence_table_detection.png",
+    ]
+    for png in pngs:
+        png.unlink()
+    written, skipped = redraw_folder(tmp_path, studies.STUDIES)
+    assert written == {"defence_table": pngs} and skipped == {}
+    assert {p: p.read_bytes() for p in before} == before
 
 
 def test_defence_table_detection_runs_follow_the_chosen_attacks(

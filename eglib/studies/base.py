@@ -1,5 +1,6 @@
-"""What every study returns (`StudyResult`), the shape of a study module (`Study`), and the
-poison rate the studies give each attack (`attack_rate`)."""
+"""What every study returns (`StudyResult`), the shape of a study module (`Study`), the
+poison rate the studies give each attack (`attack_rate`), and the refusal to redraw a study
+from its tables (`NotRedrawable`)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ class StudyResult:
     seeds: tuple[int, ...] = ()
     data: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
+
+
+class NotRedrawable(ValueError):
+    """A study whose figures need more than its saved tables hold (`eglib.studies.redraw`)."""
 
 
 class Study(Protocol):

@@ -408,12 +408,7 @@ def run(
         profile=prof.name,
         rows=summary_rows(rows),
         seeds=chosen_seeds,
-        data={
-            "seed_rows": rows,
-            "detection_records": det,
-            "detection": detection_summary(det),
-            "detection_table": detection_wide(det),
-        },
+        data=_figure_data(rows, det),
         notes={
             "dataset": DATASET,
             "model": MODEL,
@@ -441,6 +436,22 @@ def _cached(configs: Sequence[ExperimentConfig], profile: str) -> list[Experimen
             "run without cached_only (--cached-only) to train them"
         )
     return cached
+
+
+def _figure_data(rows: list[dict[str, Any]], det: list[dict[str, Any]]) -> dict[str, Any]:
+    """`StudyResult.data`: per-seed rows and detection records, with the detection summary
+    and wide table made from them."""
+    return {
+        "seed_rows": rows,
+        "detection_records": det,
+        "detection": detection_summary(det),
+        "detection_table": detection_wide(det),
+    }
+
+
+def data_from_tables(tables: dict[str, list[dict[str, Any]]], command: str) -> dict[str, Any]:
+    """`StudyResult.data` rebuilt from the study's saved tables (`eglib.studies.redraw`)."""
+    return _figure_data(tables["seeds"], tables.get("detection_seeds", []))
 
 
 def tables(result: StudyResult) -> dict[str, list[dict[str, Any]]]:

@@ -27,7 +27,7 @@ from eglib.spectral import (
     tsne_embed,
 )
 from eglib.studies import rank_vs_asr
-from eglib.studies.base import StudyResult, paired_test_images
+from eglib.studies.base import NotRedrawable, StudyResult, paired_test_images
 from eglib.studies.metrics import (
     energy_fraction,
     neighbour_agreement,
@@ -247,6 +247,14 @@ def run(
             "centred": False,
             "configs": configs,
         },
+    )
+
+
+def data_from_tables(tables: dict[str, list[dict[str, Any]]], command: str) -> dict[str, Any]:
+    """Refused: the spectra and t-SNE need the features, which no table holds."""
+    raise NotRedrawable(
+        f"{NAME} draws singular values and t-SNE embeddings that its tables do not hold; "
+        f"rerun `{command}`"
     )
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 def check_int(
@@ -22,6 +25,29 @@ def check_int(
         bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"{name}={value!r}; must be {kind} {bounds}")
     return int(value)  # type: ignore[call-overload]
+
+
+def check_chosen(name: str, values: Sequence[T] | None, default: Sequence[T]) -> tuple[T, ...]:
+    """What a study runs over (its attacks, defences, seeds): `default` when None, else
+    `values`, at least one and none repeated (a repeated one would count its runs twice in a
+    mean and std)."""
+    if values is None:
+        return tuple(default)
+    chosen = tuple(values)
+    if not chosen:
+        raise ValueError(f"{name}=[]; give at least one")
+    repeated = [v for i, v in enumerate(chosen) if v in chosen[:i]]
+    if repeated:
+        once = list(dict.fromkeys(repeated))
+        raise ValueError(f"{name}={list(chosen)} repeat {once}; give each once")
+    return chosen
+
+
+def check_seeds(seeds: Sequence[object] | None, default: Sequence[int]) -> tuple[int, ...]:
+    """`check_chosen` for seeds, each an int >= 0."""
+    if seeds is None:
+        return tuple(default)
+    return check_chosen("seeds", [check_int(f"seeds[{i}]", s, 0) for i, s in enumerate(seeds)], ())
 
 
 def check_float(

@@ -579,3 +579,13 @@ def test_compare_to_undefended_breaks_an_asr_tie_by_the_higher_acc() -> None:
     ]
     out = defence_table.compare_to_undefended(table)
     assert [(e["defense"], e["rank"]) for e in out] == [("ft", 2), ("nad", 1), ("ss", 3)]
+
+
+def test_defence_table_refuses_a_repeated_seed_or_defence(monkeypatch: pytest.MonkeyPatch) -> None:
+    # it counted seed 0 twice: n = 2 and a std of 0 from one run
+    monkeypatch.setattr(runs, "run_grid", _fake_grid([]))
+    monkeypatch.setattr(defence_table, "detector_reports", _fake_reports([]))
+    with pytest.raises(ValueError, match=r"seeds=\[0, 1, 0\] repeat \[0\]; give each once"):
+        defence_table.run("ci", progress=False, seeds=[0, 1, 0])
+    with pytest.raises(ValueError, match=r"defenses=\['none', 'none'\] repeat \['none'\]"):
+        defence_table.run("ci", progress=False, defenses=["none", "none"])

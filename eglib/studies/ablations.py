@@ -24,6 +24,7 @@ from eglib.config import get_profile, torch_threads
 from eglib.evaluate import TriggeredLike, accuracy, attack_success_rate, guards_eval_mode
 from eglib.experiments import ExperimentConfig, is_cached, run_experiment
 from eglib.guard import EVAL_MODES
+from eglib.params import check_seeds
 from eglib.plots import metric_vs_param
 from eglib.studies.base import StudyResult
 from eglib.studies.forced_dimension import (
@@ -132,7 +133,7 @@ def _per_seed(
     profile: str, build: Callable[[int], list[ExperimentConfig]], seeds: Seeds = None
 ) -> list[ExperimentConfig]:
     """`build(seed)` for every seed (None: the profile's), concatenated."""
-    chosen = get_profile(profile).seeds if seeds is None else seeds
+    chosen = check_seeds(seeds, get_profile(profile).seeds)
     return [cfg for seed in chosen for cfg in build(seed)]
 
 
@@ -379,7 +380,7 @@ def run(
         # cached-only: the seeds the cache held, not those asked for
         seeds=tuple(sorted({r["seed"] for r in rows}))
         if cached_only
-        else tuple(prof.seeds if seeds is None else seeds),
+        else check_seeds(seeds, prof.seeds),
         notes={
             "ablations": names,
             "dataset": DATASET,

@@ -28,6 +28,7 @@ from eglib.experiments import (
     run_experiment,
 )
 from eglib.io import read_json, write_json_atomic
+from eglib.params import check_chosen, check_seeds
 from eglib.plots import adaptive_summary, protocol_heatmaps
 from eglib.plots.rank import RANK_GROUPS
 from eglib.spectral import (
@@ -133,8 +134,8 @@ def run(
     """Train (or load) every attack x defence x seed run; measure the trigger ranks."""
     prof = get_profile(profile)
     grid = GRIDS[prof.name]
-    chosen = tuple(defenses) if defenses is not None else grid.defenses
-    chosen_seeds = tuple(seeds) if seeds is not None else prof.seeds
+    chosen = check_chosen("defenses", defenses, grid.defenses)
+    chosen_seeds = check_seeds(seeds, prof.seeds)
     configs = table_configs(prof.name, ATTACKS, chosen, chosen_seeds)
     records = run_records(configs, jobs=jobs, progress=progress)
     rows = adaptive_rows(configs, records, count=grid.rank_samples, progress=progress)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from eglib.config import get_profile
 from eglib.experiments import MODEL_FILE, ExperimentConfig, is_cached, run_dir, run_experiment
+from eglib.params import check_chosen, check_seeds
 from eglib.plots import rank_ratio_bars
 from eglib.spectral import capture_features, spectrum_ranks
 from eglib.studies.base import StudyResult, paired_test_images
@@ -73,10 +74,10 @@ def run(
     """Measure the undefended table runs of `attacks` x `seeds` (trained when not cached;
     `cached_only`: only those whose model the cache holds, a ValueError when none)."""
     prof = get_profile(profile)
-    chosen_seeds = tuple(seeds) if seeds is not None else prof.seeds
+    chosen_seeds = check_seeds(seeds, prof.seeds)
     configs = [
         table_config(prof.name, a, "none", s)
-        for a in (ATTACKS if attacks is None else attacks)
+        for a in check_chosen("attacks", attacks, ATTACKS)
         for s in chosen_seeds
     ]
     if cached_only:  # a record copied without its weights would retrain: left out

@@ -36,6 +36,7 @@ from eglib.experiments import (
     run_experiment,
 )
 from eglib.io import read_json, write_json_atomic
+from eglib.params import check_chosen, check_seeds
 from eglib.plots import PROTOCOLS, defence_heatmaps, detection_heatmaps, protocol_heatmaps
 from eglib.poison import ATTACKS
 from eglib.studies.ablations import REFERENCE
@@ -384,9 +385,9 @@ def run(
     """
     prof = get_profile(profile)
     grid = GRIDS[prof.name]
-    chosen_attacks = tuple(attacks) if attacks is not None else grid.attacks
-    chosen_defenses = tuple(defenses) if defenses is not None else grid.defenses
-    chosen_seeds = tuple(seeds) if seeds is not None else prof.seeds
+    chosen_attacks = check_chosen("attacks", attacks, grid.attacks)
+    chosen_defenses = check_chosen("defenses", defenses, grid.defenses)
+    chosen_seeds = check_seeds(seeds, prof.seeds)
     main = table_configs(prof.name, chosen_attacks, chosen_defenses, chosen_seeds)
     extra = detection_configs(prof.name, chosen_seeds, chosen_attacks) if detection else []
     for cfg in (*main, *extra):  # a misspelt name is an error, not a cell left out as uncached

@@ -20,6 +20,7 @@ from eglib.data import dataset_info
 from eglib.experiments import ExperimentConfig, record_row
 from eglib.guard import is_identity_filter
 from eglib.models import make_model
+from eglib.params import check_seeds
 from eglib.plots import PROTOCOLS, formatted_table, metric_vs_param
 from eglib.studies.base import StudyResult
 from eglib.studies.runs import METRIC_COLUMNS, run_records, summarise
@@ -182,7 +183,7 @@ def study_configs(
     prof = get_profile(profile)
     points = grid_points(forced_grid(prof.name, grid))
     configs = []
-    for seed in prof.seeds if seeds is None else seeds:
+    for seed in check_seeds(seeds, prof.seeds):
         configs.append(study_config(prof.name, seed))
         configs += [study_config(prof.name, seed, guard_params(*point)) for point in points]
     return configs
@@ -360,7 +361,7 @@ def run(
     (or `seeds`), on the profile's grid (or the `grid` of another profile, see `study_configs`)."""
     prof = get_profile(profile)
     chosen = forced_grid(prof.name, grid)
-    used_seeds = tuple(prof.seeds if seeds is None else seeds)
+    used_seeds = check_seeds(seeds, prof.seeds)
     rows = run_configs(study_configs(prof.name, used_seeds, grid), jobs=jobs, progress=progress)
     choice = choose_default(rows)
     return StudyResult(

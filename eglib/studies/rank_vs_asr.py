@@ -19,6 +19,7 @@ from eglib.config import get_profile
 from eglib.data import dataset_info
 from eglib.experiments import ExperimentConfig, run_experiment
 from eglib.models import make_model
+from eglib.params import check_chosen, check_seeds
 from eglib.plots import rank_curves
 from eglib.plots.rank import rank_stages
 from eglib.studies.base import StudyResult, attack_rate
@@ -122,10 +123,8 @@ def run(
     """Train (or load) one tracked cnn-small per attack and seed (default: the profile's
     first); one row per attack, seed and measurement (epoch end or probe)."""
     prof = get_profile(profile)
-    chosen = tuple(attacks) if attacks is not None else ATTACKS[prof.name]
-    chosen_seeds = tuple(seeds) if seeds is not None else (prof.seeds[0],)
-    if not chosen_seeds:
-        raise ValueError("seeds=[]; give at least one seed")
+    chosen = check_chosen("attacks", attacks, ATTACKS[prof.name])
+    chosen_seeds = check_seeds(seeds, prof.seeds[:1])
     rows: list[dict[str, Any]] = []
     records: dict[str, dict[str, Any]] = {}
     runs = [(attack, seed) for attack in chosen for seed in chosen_seeds]

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from eglib.config import get_profile
 from eglib.experiments import run_experiment
+from eglib.params import check_chosen, check_seeds
 from eglib.plots import projection_tsne, separation_summary, singular_spectra
 from eglib.spectral import (
     capture_features,
@@ -177,10 +178,8 @@ def run(
     one row per attack, seed (default: the profile's first) and stage; the spectra and t-SNE
     are drawn for the first seed only."""
     prof = get_profile(profile)
-    attacks = ATTACKS if attacks is None else tuple(attacks)
-    chosen_seeds = tuple(seeds) if seeds is not None else (prof.seeds[0],)
-    if not chosen_seeds:
-        raise ValueError("seeds=[]; give at least one seed")
+    attacks = check_chosen("attacks", attacks, ATTACKS)
+    chosen_seeds = check_seeds(seeds, prof.seeds[:1])
     settings = SETTINGS[prof.name]
     rows: list[dict[str, Any]] = []
     spectrum_records: list[dict[str, Any]] = []

@@ -159,7 +159,7 @@ def attack_success_rate(
     return _acc(predict(model, images, batch_size=batch_size, device=device), targets)
 
 
-def correct_attack_success_rate(
+def attack_success_rates(
     model: nn.Module,
     clean_images: torch.Tensor,
     triggered_images: torch.Tensor,
@@ -168,26 +168,28 @@ def correct_attack_success_rate(
     *,
     batch_size: int = 512,
     device: str | torch.device | None = None,
-) -> float | None:
-    """ASR among the images the model classifies correctly without the trigger (source label
-    != target; row i of `triggered_images` is row i of `clean_images` with the trigger). A
-    model that puts every image in the target class scores 100 % on `attack_success_rate`
-    and has no image here: None when none is classified correctly."""
+) -> tuple[float, float | None]:
+    """(`attack_success_rate`, the ASR among the images the model classifies correctly
+    without the trigger), each image predicted once; both count source label != target, row
+    i of `triggered_images` is row i of `clean_images` with the trigger. A model that puts
+    every image in the target class scores 100 % on the first and has no image for the
+    second: None when none is classified correctly."""
     for images, name in ((clean_images, "clean_images"), (triggered_images, "triggered_images")):
         check_uint8_images(images, name)
     check_paired_images(clean_images, triggered_images)
     n = triggered_images.shape[0]
     _check_labels(target_labels, n, "target_labels")
     _check_labels(source_labels, n, "source_labels")
-    counted = source_labels != target_labels
-    if not bool(counted.any()):
+    counted = (source_labels != target_labels).nonzero().squeeze(1).cpu()
+    if counted.numel() == 0:
         raise ValueError("no triggered sample has a source label different from its target")
-    clean = predict(model, clean_images, batch_size=batch_size, device=device)
-    kept = (counted.cpu() & (clean == source_labels.cpu())).nonzero().squeeze(1)
-    if kept.numel() == 0:
-        return None
-    hits = predict(model, triggered_images[kept.to(triggered_images.device)], batch_size=batch_size)
-    return _acc(hits, target_labels.cpu()[kept])
+    rows = counted.to(triggered_images.device)
+    hits = predict(model, triggered_images[rows], batch_size=batch_size, device=device)
+    clean_rows = clean_images[rows.to(clean_images.device)]
+    clean = predict(model, clean_rows, batch_size=batch_size, device=device)
+    targets, right = target_labels.cpu()[counted], clean == source_labels.cpu()[counted]
+    asr = _acc(hits, targets)
+    return asr, (_acc(hits[right], targets[right]) if bool(right.any()) else None)
 
 
 def find_guards(model: nn.Module) -> list[nn.Module]:

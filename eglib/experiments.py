@@ -23,8 +23,7 @@ from eglib.defenses.base import Defense, UndefendedRun
 from eglib.evaluate import (
     EVAL_BATCH_SIZE,
     accuracy,
-    attack_success_rate,
-    correct_attack_success_rate,
+    attack_success_rates,
     evaluate_protocols,
     guards_eval_mode,
 )
@@ -447,8 +446,7 @@ def _epoch_metrics(data: ExperimentData, n: int = 1000) -> Any:
                 "acc": accuracy(model, data.test_images[:n], data.test_labels[:n])
             }
             if trig is not None:
-                row["asr"] = attack_success_rate(model, *args)
-                row["asr_correct"] = correct_attack_success_rate(model, clean, *args)
+                row["asr"], row["asr_correct"] = attack_success_rates(model, clean, *args)
         return row
 
     return evaluate_epoch

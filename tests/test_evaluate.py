@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from eglib.evaluate import (
     accuracy,
     attack_success_rate,
-    correct_attack_success_rate,
+    attack_success_rates,
     evaluate_protocols,
     guards_eval_mode,
     mixed_batches,
@@ -167,14 +167,15 @@ def test_correct_asr_counts_only_images_classified_right_without_the_trigger() -
     clean = _written([1, 2, 3, 9, 9, 6, 0])  # rows 3, 4 wrong without the trigger
     triggered = _written([0, 0, 7, 0, 0, 8, 0])  # hits: rows 0, 1 (counted), 3, 4 (not), 6
     # counted: rows 0, 1, 2, 5 (right when clean, source != target); hits among them: 0, 1
-    assert correct_attack_success_rate(model, clean, triggered, target, source) == 0.5
-    assert attack_success_rate(model, triggered, target, source) == pytest.approx(4 / 6)
+    asr = attack_success_rate(model, triggered, target, source)
+    assert asr == pytest.approx(4 / 6)  # rows 0, 1, 3, 4 of the 6 counted
+    assert attack_success_rates(model, clean, triggered, target, source) == (asr, 0.5)
     wrong = _written([9] * 7)
-    assert correct_attack_success_rate(model, wrong, triggered, target, source) is None
+    assert attack_success_rates(model, wrong, triggered, target, source) == (asr, None)
     with pytest.raises(ValueError, match="pair up row by row"):
-        correct_attack_success_rate(model, clean[:5], triggered, target, source)
+        attack_success_rates(model, clean[:5], triggered, target, source)
     with pytest.raises(ValueError, match="source label different"):
-        correct_attack_success_rate(model, clean, triggered, target, target)
+        attack_success_rates(model, clean, triggered, target, target)
 
 
 def test_mixed_batches_construction() -> None:

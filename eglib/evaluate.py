@@ -28,6 +28,10 @@ from torch import nn
 from eglib.data import check_paired_images, check_uint8_images, to_float
 from eglib.params import check_float, check_int
 
+# A guard's behaviour in eval mode: 'running' filters each sample with its running estimates,
+# 'batch' filters each batch as a whole (as in training)
+EVAL_MODES: tuple[str, ...] = ("running", "batch")
+
 # The batches of the 'mixed' and 'pure' protocols (a batch-wise guard's ACC and ASR depend on
 # it): every table, record and the explorer evaluate at this size.
 EVAL_BATCH_SIZE = 256

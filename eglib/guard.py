@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from eglib.evaluate import EVAL_MODES
 from eglib.models.base import StagedNet
 from eglib.params import check_float, check_int
 from eglib.spectral import flatten_rows, gram_eigh, model_device, require_finite
 
 RULES: tuple[str, ...] = ("kth", "mean", "damp", "remove")
-EVAL_MODES: tuple[str, ...] = ("running", "batch")
 # A float32 Gram's U_k is good to ~1e-7 * (s_1 / s_k)^2: below this s_k / s_1 use float64.
 F32_GRAM_MIN_RATIO = 1e-2
 

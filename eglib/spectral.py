@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from eglib.data import check_paired_images, check_uint8_images, to_float
+from eglib.evaluate import EVAL_MODES, evaluating, even_batches, guards_eval_mode
 from eglib.models.base import StagedNet
 from eglib.params import check_bool, check_choice, check_int
 
@@ -328,9 +329,6 @@ def capture_features(
     features do not depend on the batching; 'batch': each batch filtered as a whole), restored
     afterwards.
     """
-    from eglib.evaluate import evaluating, even_batches, guards_eval_mode  # guard imports us
-    from eglib.guard import EVAL_MODES
-
     names = _stage_names(stages)
     check_uint8_images(images_uint8)
     batch_size = check_int("batch_size", batch_size, 1, numpy=True)

@@ -21,9 +21,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from eglib.config import get_profile, torch_threads
-from eglib.evaluate import TriggeredLike, accuracy, attack_success_rate, guards_eval_mode
+from eglib.evaluate import (
+    EVAL_MODES,
+    TriggeredLike,
+    accuracy,
+    attack_success_rate,
+    guards_eval_mode,
+)
 from eglib.experiments import ExperimentConfig, is_cached, run_experiment
-from eglib.guard import EVAL_MODES
 from eglib.params import check_seeds
 from eglib.plots import metric_vs_param
 from eglib.studies.base import StudyResult

@@ -1,5 +1,5 @@
-"""Parameter checks the attacks and defences share: each raises ValueError naming the value
-and the rule."""
+"""Parameter checks the attacks, defences and studies share: each raises ValueError naming the
+value and the rule."""
 
 from __future__ import annotations
 

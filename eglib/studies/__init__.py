@@ -26,7 +26,7 @@ from eglib.studies import (
     rank_vs_asr,
     spectra,
 )
-from eglib.studies.base import Study, StudyResult
+from eglib.studies.base import Study, StudyResult, chosen_studies
 from eglib.sweep import write_csv
 
 STUDIES: dict[str, Study] = {
@@ -149,10 +149,7 @@ def make_figures(
     `jobs`: worker processes for the studies that train several runs (None: `default_jobs`,
     one on a GPU; on one H200, 3 workers sharing it trained full runs in 55-237 s each).
     """
-    names = list(STUDIES) if not only else list(dict.fromkeys(only))
-    unknown = [n for n in names if n not in STUDIES]
-    if unknown:
-        raise ValueError(f"unknown study {unknown[0]!r}; allowed: {sorted(STUDIES)}")
+    names = chosen_studies(STUDIES, only)
     options = dict(options or {})
     if options:
         need = f"options {sorted(options)} need exactly one study that takes them"

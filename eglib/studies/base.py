@@ -1,9 +1,10 @@
 """What every study returns (`StudyResult`), the shape of a study module (`Study`), the
-poison rate the studies give each attack (`attack_rate`), and the refusal to redraw a study
-from its tables (`NotRedrawable`)."""
+poison rate the studies give each attack (`attack_rate`), the names a command chooses
+(`chosen_studies`), and the refusal to redraw a study from its tables (`NotRedrawable`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -44,6 +45,16 @@ class StudyResult:
     seeds: tuple[int, ...] = ()
     data: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
+
+
+def chosen_studies(studies: Mapping[str, object], only: Sequence[str] | None) -> list[str]:
+    """The study names of `only`, each once, in order (all of `studies` when None or empty);
+    ValueError for an unknown one."""
+    names = list(studies) if not only else list(dict.fromkeys(only))
+    unknown = [n for n in names if n not in studies]
+    if unknown:
+        raise ValueError(f"unknown study {unknown[0]!r}; allowed: {sorted(studies)}")
+    return names
 
 
 class NotRedrawable(ValueError):

@@ -14,7 +14,7 @@ from typing import Any
 
 from eglib.io import read_json, write_json_atomic
 from eglib.plots import save_figure
-from eglib.studies.base import NotRedrawable, Study, StudyResult
+from eglib.studies.base import NotRedrawable, Study, StudyResult, chosen_studies
 
 __all__ = ["NotRedrawable", "load_study", "read_table", "redraw", "redraw_folder", "study_folders"]
 
@@ -93,7 +93,7 @@ def redraw_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder of figures")
-    chosen = _chosen(studies, only)
+    chosen = chosen_studies(studies, only)
     names = [n for n in chosen if (folder / f"{n}.json").is_file()]
     if not names:
         raise ValueError(f"{folder} holds no study JSON (<name>.json) of: {', '.join(chosen)}")
@@ -114,13 +114,5 @@ def study_folders(
 ) -> list[Path]:
     """The folders under `root` (itself included), sorted, that hold a JSON (`<name>.json`)
     of a study in `studies` (of those in `only`, when given)."""
-    chosen = _chosen(studies, only)
+    chosen = chosen_studies(studies, only)
     return sorted({p.parent for name in chosen for p in Path(root).rglob(f"{name}.json")})
-
-
-def _chosen(studies: dict[str, Study], only: Sequence[str] | None) -> list[str]:
-    """The names of `only` (all of `studies` when None); ValueError for an unknown one."""
-    unknown = [n for n in only or () if n not in studies]
-    if unknown:
-        raise ValueError(f"unknown study {unknown[0]!r}; allowed: {sorted(studies)}")
-    return list(only or studies)

@@ -36,18 +36,37 @@ def _parse_params(pairs: Sequence[str], option: str = "parameter") -> dict[str, 
 
 
 def _print_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
-    """A plain-text table of selected columns (percentages for ACC/ASR)."""
+    """A plain-text table of selected columns: ACC and ASR columns in %, empty for None."""
 
-    def fmt(value: Any) -> str:
+    def fmt(column: str, value: Any) -> str:
+        if value is None:
+            return ""
         if isinstance(value, float):
-            return f"{100 * value:6.2f}" if value <= 1.0 else f"{value:8.1f}"
+            return f"{100 * value:6.2f}" if column.startswith(("acc", "asr")) else f"{value:8.1f}"
         return str(value)
 
-    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns]
+    cells = [[fmt(c, row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for row in rows:
-        print("  ".join(fmt(row.get(c, "")).ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for line in cells:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)))
 
+
+# what `runs` prints of each cached run (its CSV holds every column)
+RUN_COLUMNS = [
+    "key",
+    "state",
+    "epochs_done",
+    "epochs",
+    "attack",
+    "poison_rate",
+    "defense",
+    "seed",
+    "acc",
+    "asr",
+    "train_s",
+    "updated",
+]
 
 PROTOCOL_COLUMNS = [
     "acc_per_sample",
@@ -158,6 +177,31 @@ def cmd_redraw(args: argparse.Namespace) -> None:
             print(f"{name}: redrew {', '.join(str(p) for p in paths)}")
         for name, why in skipped.items():
             print(f"{name} in {folder}: skipped; {why}")
+
+
+def cmd_runs(args: argparse.Namespace) -> None:
+    """List the cached runs: finished ones with ACC and ASR, unfinished ones with their epoch."""
+    from eglib.config import cache_dir
+    from eglib.inventory import cached_runs, count_states
+    from eglib.sweep import write_csv
+
+    rows = [r for r in cached_runs() if not args.unfinished or r["state"] != "done"]
+    if args.out:
+        write_csv(rows, args.out)
+    if rows:
+        shown = [{**r, "poison_rate": _percent(r["poison_rate"])} for r in rows]
+        _print_rows(shown, RUN_COLUMNS)
+    counts = ", ".join(f"{n} {state}" for state, n in count_states(rows).items())
+    runs = f"{len(rows)} run{'' if len(rows) == 1 else 's'}"
+    print(f"{runs} in {cache_dir() / 'runs'}" + (f": {counts}" if counts else ""))
+    for row in rows:
+        if row["state"] == "unreadable":
+            print(f"{row['key']}: {row['error']}")
+
+
+def _percent(rate: float | None) -> str:
+    """A poison rate as the percentage people say ("10%"); '' when unknown."""
+    return "" if rate is None else f"{100 * rate:g}%"
 
 
 def _positive_int(text: str) -> int:
@@ -284,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     redraw.add_argument("--only", action="append", help="a study name (repeatable)")
     redraw.set_defaults(func=cmd_redraw)
+
+    runs = sub.add_parser("runs", help=cmd_runs.__doc__)
+    runs.add_argument("--unfinished", action="store_true", help="only runs without a record")
+    runs.add_argument("--out", help="also write every column of the rows to this CSV")
+    runs.set_defaults(func=cmd_runs)
     return parser
 
 

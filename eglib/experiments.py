@@ -47,6 +47,7 @@ RECORD_VERSION = 1
 RECORD_FILE, MODEL_FILE = "record.json", "model.pt"  # a run folder's record and weights
 TRAIN_LOCK = "train.lock"  # held while a process loads or trains the run
 CHECKPOINT_FILE = "checkpoint.pt"  # the unfinished main training of the run
+CONFIG_FILE = "config.json"  # the run's config, written when its training starts
 # A record's digest of its weights file: tells one training of a run from a later retraining,
 # so what was computed from the earlier model (a repair, detection scores) is not served.
 MODEL_DIGEST = "model_digest"
@@ -652,6 +653,8 @@ def _train_run(
 ) -> ExperimentResult:
     """Train and evaluate one run; with `cache`, checkpoint it and store its model and record."""
     folder = run_dir(cfg)
+    if cache:  # names an unfinished run to `eglib.inventory` before any record exists
+        write_json_atomic(folder / CONFIG_FILE, cfg.to_dict())
     ctx = _build_context(
         cfg,
         data,

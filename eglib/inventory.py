@@ -1,0 +1,83 @@
+"""What the run cache holds: finished runs (from their records) and unfinished ones (from the
+config a run writes when it starts and the epoch its checkpoint reached), one row each, for
+`python -m eglib runs`; reads files only, never takes a run's lock."""
+
+from __future__ import annotations
+
+import pickle
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eglib.config import cache_dir
+from eglib.experiments import CHECKPOINT_FILE, CONFIG_FILE, RECORD_FILE, TRAIN_LOCK, record_row
+from eglib.io import read_json
+
+STATES = ("done", "training", "started", "unreadable")  # see `run_row`
+
+# the columns every row has, in this order (a done run's row adds its record_row columns)
+COLUMNS = (
+    "key",
+    "state",
+    "epochs_done",
+    "epochs",
+    "dataset",
+    "model",
+    "attack",
+    "poison_rate",
+    "defense",
+    "seed",
+    "acc",
+    "asr",
+    "train_s",
+    "updated",
+)
+
+
+def run_row(folder: Path) -> dict[str, Any]:
+    """One run folder as a row. `state`: "done" (its record exists), "training" (a checkpoint,
+    `epochs_done` epochs of its main training), "started" (neither yet: loading data, fitting
+    an attack, scoring), "unreadable" (a record, config or checkpoint that fails to load;
+    `error` says why). `updated`: the newest file's modification time, ISO format."""
+    files = [p for p in folder.iterdir() if p.is_file() and p.name != TRAIN_LOCK]
+    newest = max((p.stat().st_mtime for p in files), default=folder.stat().st_mtime)
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row.update(key=folder.name, updated=datetime.fromtimestamp(newest).isoformat("T", "seconds"))
+    try:
+        if (folder / RECORD_FILE).exists():
+            record = read_json(folder / RECORD_FILE)
+            row.update(record_row(record), state="done", epochs_done=len(record["history"]))
+            return row
+        if (folder / CONFIG_FILE).exists():
+            row.update({k: v for k, v in read_json(folder / CONFIG_FILE).items() if k in row})
+        row["state"] = "started"
+        if (folder / CHECKPOINT_FILE).exists():
+            row.update(state="training", epochs_done=checkpoint_epoch(folder / CHECKPOINT_FILE))
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        row.update(state="unreadable", error=f"{type(e).__name__}: {e}")
+    return row
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """The number of epochs a training checkpoint holds (memory-mapped: its tensors stay on
+    disk)."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(state["epoch"])
+
+
+def cached_runs(root: Path | None = None) -> list[dict[str, Any]]:
+    """A row (`run_row`) for every run folder under `root`/runs (default: the cache folder),
+    oldest update first; an empty list when there is none."""
+    runs = (root if root is not None else cache_dir()) / "runs"
+    if not runs.is_dir():
+        return []
+    rows = [run_row(folder) for folder in runs.iterdir() if folder.is_dir()]
+    return sorted(rows, key=lambda row: (row["updated"], row["key"]))
+
+
+def count_states(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """How many rows are in each state, in `STATES` order (states with none left out)."""
+    counts = {state: sum(row["state"] == state for row in rows) for state in STATES}
+    return {state: n for state, n in counts.items() if n}

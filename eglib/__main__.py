@@ -52,22 +52,6 @@ def _print_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)))
 
 
-# what `runs` prints of each cached run (its CSV holds every column)
-RUN_COLUMNS = [
-    "key",
-    "state",
-    "epochs_done",
-    "epochs",
-    "attack",
-    "poison_rate",
-    "defense",
-    "seed",
-    "acc",
-    "asr",
-    "train_s",
-    "updated",
-]
-
 PROTOCOL_COLUMNS = [
     "acc_per_sample",
     "asr_per_sample",
@@ -182,7 +166,7 @@ def cmd_redraw(args: argparse.Namespace) -> None:
 def cmd_runs(args: argparse.Namespace) -> None:
     """List the cached runs: finished ones with ACC and ASR, unfinished ones with their epoch."""
     from eglib.config import cache_dir
-    from eglib.inventory import cached_runs, count_states
+    from eglib.inventory import COLUMNS, cached_runs, count_states
     from eglib.sweep import write_csv
 
     rows = [r for r in cached_runs() if not args.unfinished or r["state"] != "done"]
@@ -190,7 +174,7 @@ def cmd_runs(args: argparse.Namespace) -> None:
         write_csv(rows, args.out)
     if rows:
         shown = [{**r, "poison_rate": _percent(r["poison_rate"])} for r in rows]
-        _print_rows(shown, RUN_COLUMNS)
+        _print_rows(shown, COLUMNS)
     counts = ", ".join(f"{n} {state}" for state, n in count_states(rows).items())
     runs = f"{len(rows)} run{'' if len(rows) == 1 else 's'}"
     print(f"{runs} in {cache_dir() / 'runs'}" + (f": {counts}" if counts else ""))

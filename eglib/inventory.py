@@ -1,6 +1,7 @@
 """What the run cache holds: finished runs (from their records) and unfinished ones (from the
 config a run writes when it starts and the epoch its checkpoint reached), one row each, for
-`python -m eglib runs`; reads files only, never takes a run's lock."""
+`python -m eglib runs`; reads files only, never takes a run's lock. A run's folder appears
+once its data is ready: a learned attack's fit (LC, SSBA, input-aware) comes before it."""
 
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ COLUMNS = (
 
 def run_row(folder: Path) -> dict[str, Any]:
     """One run folder as a row. `state`: "done" (its record exists), "training" (a checkpoint,
-    `epochs_done` epochs of its main training), "started" (neither yet: loading data, fitting
-    an attack, scoring), "unreadable" (a record, config or checkpoint that fails to load;
-    `error` says why). `updated`: the newest file's modification time, ISO format."""
+    `epochs_done` epochs of its checkpointed training), "started" (neither yet: a defence's
+    phase before that training, such as scoring or isolation), "unreadable" (a record, config
+    or checkpoint that fails to load; `error` says why). `updated`: the newest file's
+    modification time, ISO format."""
     files = [p for p in folder.iterdir() if p.is_file() and p.name != TRAIN_LOCK]
     newest = max((p.stat().st_mtime for p in files), default=folder.stat().st_mtime)
     row: dict[str, Any] = dict.fromkeys(COLUMNS)

@@ -174,13 +174,13 @@ def cmd_runs(args: argparse.Namespace) -> None:
         write_csv(rows, args.out)
     if rows:
         shown = [{**r, "poison_rate": _percent(r["poison_rate"])} for r in rows]
-        _print_rows(shown, COLUMNS)
+        _print_rows(shown, [c for c in COLUMNS if c != "note"])  # notes follow the table
     counts = ", ".join(f"{n} {state}" for state, n in count_states(rows).items())
     runs = f"{len(rows)} run{'' if len(rows) == 1 else 's'}"
     print(f"{runs} in {cache_dir() / 'runs'}" + (f": {counts}" if counts else ""))
     for row in rows:
-        if row["state"] == "unreadable":
-            print(f"{row['key']}: {row['error']}")
+        if row["note"]:
+            print(f"{row['key']} ({row['state']}): {row['note']}")
 
 
 def _percent(rate: float | None) -> str:

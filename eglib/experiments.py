@@ -299,6 +299,22 @@ def stale_base_model(record: dict[str, Any]) -> str | None:
     return base if retrained else None
 
 
+def stale_reason(cfg: ExperimentConfig, record: dict[str, Any]) -> str | None:
+    """Why `cfg`'s cached `record` would be retrained, not served ("other defence parameters
+    ...", "other attack parameters ...", "the model of undefended run ..."), or None."""
+    defence, attack, base = (
+        stale_defense_params(cfg, record),
+        stale_attack_params(cfg, record),
+        stale_base_model(record),
+    )
+    return (
+        (defence and f"other defence parameters (recorded, current): {defence}")
+        or (attack and f"other attack parameters (recorded, current): {attack}")
+        or (base and f"the model of undefended run {base}, which was retrained since")
+        or None
+    )
+
+
 def cached_record(cfg: ExperimentConfig) -> dict[str, Any] | None:
     """The cached record of `cfg`'s finished run (written after its model), or None when
     there is none, it was trained under other defence or attack defaults
@@ -308,16 +324,7 @@ def cached_record(cfg: ExperimentConfig) -> dict[str, Any] | None:
     if not path.exists():
         return None
     record = read_json(path)
-    defence, attack, base = (
-        stale_defense_params(cfg, record),
-        stale_attack_params(cfg, record),
-        stale_base_model(record),
-    )
-    reason = (
-        (defence and f"other defence parameters (recorded, current): {defence}")
-        or (attack and f"other attack parameters (recorded, current): {attack}")
-        or (base and f"the model of undefended run {base}, which was retrained since")
-    )
+    reason = stale_reason(cfg, record)
     if reason:
         warnings.warn(
             f"cached run {cfg.key()} ({cfg.attack}, {cfg.defense}) was trained with {reason}; "

@@ -13,10 +13,19 @@ from typing import Any
 import torch
 
 from eglib.config import cache_dir
-from eglib.experiments import CHECKPOINT_FILE, CONFIG_FILE, RECORD_FILE, TRAIN_LOCK, record_row
+from eglib.experiments import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    MODEL_FILE,
+    RECORD_FILE,
+    TRAIN_LOCK,
+    ExperimentConfig,
+    record_row,
+    stale_reason,
+)
 from eglib.io import read_json
 
-STATES = ("done", "training", "started", "unreadable")  # see `run_row`
+STATES = ("done", "stale", "training", "started", "unreadable")  # see `run_row`
 
 # the columns every row has, in this order (a done run's row adds its record_row columns)
 COLUMNS = (
@@ -34,14 +43,17 @@ COLUMNS = (
     "asr",
     "train_s",
     "updated",
+    "note",
 )
 
 
 def run_row(folder: Path) -> dict[str, Any]:
-    """One run folder as a row. `state`: "done" (its record exists), "training" (a checkpoint,
+    """One run folder as a row. `state`: "done" (its record and model exist), "stale" (a
+    record the cache would not serve; `note` says why: its model file is missing, or it was
+    trained under other defaults, `eglib.experiments.stale_reason`), "training" (a checkpoint,
     `epochs_done` epochs of its checkpointed training), "started" (neither yet: a defence's
     phase before that training, such as scoring or isolation), "unreadable" (a record, config
-    or checkpoint that fails to load; `error` says why). `updated`: the newest file's
+    or checkpoint that fails to load; `note` says why). `updated`: the newest file's
     modification time, ISO format."""
     files = [p for p in folder.iterdir() if p.is_file() and p.name != TRAIN_LOCK]
     newest = max((p.stat().st_mtime for p in files), default=folder.stat().st_mtime)
@@ -51,6 +63,11 @@ def run_row(folder: Path) -> dict[str, Any]:
         if (folder / RECORD_FILE).exists():
             record = read_json(folder / RECORD_FILE)
             row.update(record_row(record), state="done", epochs_done=len(record["history"]))
+            note = stale_reason(ExperimentConfig.from_dict(record["config"]), record)
+            if not (folder / MODEL_FILE).exists():
+                note = f"its model file {MODEL_FILE} is missing"
+            if note:
+                row.update(state="stale", note=note)
             return row
         if (folder / CONFIG_FILE).exists():
             row.update({k: v for k, v in read_json(folder / CONFIG_FILE).items() if k in row})
@@ -58,7 +75,7 @@ def run_row(folder: Path) -> dict[str, Any]:
         if (folder / CHECKPOINT_FILE).exists():
             row.update(state="training", epochs_done=checkpoint_epoch(folder / CHECKPOINT_FILE))
     except (OSError, KeyError, TypeError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
-        row.update(state="unreadable", error=f"{type(e).__name__}: {e}")
+        row.update(state="unreadable", note=f"{type(e).__name__}: {e}")
     return row
 
 

@@ -10,8 +10,16 @@ import pytest
 
 import eglib.experiments as experiments
 from eglib.__main__ import _print_rows, main
-from eglib.experiments import CONFIG_FILE, ExperimentConfig, run_dir, run_experiment
+from eglib.experiments import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    RECORD_FILE,
+    ExperimentConfig,
+    run_dir,
+    run_experiment,
+)
 from eglib.inventory import cached_runs, count_states, run_row
+from eglib.io import read_json, write_json_atomic
 
 TINY: dict[str, Any] = dict(epochs=3, batch_size=32, train_size=None, test_size=None, lr=0.05)
 
@@ -69,8 +77,24 @@ def test_finished_and_interrupted_runs_are_listed_with_their_state(
 def test_a_run_writes_its_config_before_it_trains(tiny_fashion, tmp_cache, monkeypatch) -> None:
     cfg = ExperimentConfig(**TINY)
     _interrupted_run(cfg, 0, monkeypatch)
-    assert ExperimentConfig.from_dict(experiments.read_json(run_dir(cfg) / CONFIG_FILE)) == cfg
+    assert ExperimentConfig.from_dict(read_json(run_dir(cfg) / CONFIG_FILE)) == cfg
     assert run_row(run_dir(cfg))["state"] == "started"  # no epoch checkpointed yet
+
+
+def test_a_record_the_cache_would_not_serve_is_stale_and_says_why(tiny_fashion, tmp_cache) -> None:
+    guarded = ExperimentConfig(**TINY, defense="eigenguard", defense_params={"k": 2})
+    record = run_experiment(guarded, progress=False).record
+    record["defense"]["params"]["tail_scale"] = 0.5  # trained under another default
+    write_json_atomic(run_dir(guarded) / RECORD_FILE, record)
+    plain = ExperimentConfig(**TINY)
+    run_experiment(plain, progress=False)
+    (run_dir(plain) / MODEL_FILE).unlink()  # a record whose weights were lost
+
+    stale = run_row(run_dir(guarded))
+    assert stale["state"] == "stale" and "tail_scale" in stale["note"]
+    assert stale["acc"] == record["metrics"]["acc"]  # still shown, flagged
+    lost = run_row(run_dir(plain))
+    assert lost["state"] == "stale" and MODEL_FILE in lost["note"]
 
 
 @pytest.mark.parametrize("broken", ["record.json", "config.json", "checkpoint.pt"])
@@ -80,7 +104,7 @@ def test_a_file_that_fails_to_load_marks_the_run_unreadable(tmp_cache, broken: s
     (folder / broken).write_bytes(b"{not json, not a checkpoint")
     row = run_row(folder)
     assert row["state"] == "unreadable" and row["key"] == folder.name
-    assert row["error"]
+    assert row["note"]
 
 
 def test_an_empty_or_missing_cache_lists_no_runs(tmp_cache, capsys) -> None:

@@ -51,7 +51,8 @@ def run_row(folder: Path) -> dict[str, Any]:
     """One run folder as a row. `state`: "done" (its record and model exist), "stale" (a
     record the cache would not serve; `note` says why: its model file is missing, or it was
     trained under other defaults, `eglib.experiments.stale_reason`), "training" (a checkpoint,
-    `epochs_done` epochs of its checkpointed training), "started" (neither yet: a defence's
+    `epochs_done` epochs of its checkpointed training; None for the other states: a done
+    filter or ABL run's history holds more than one training), "started" (neither yet: a defence's
     phase before that training, such as scoring or isolation), "unreadable" (a record, config
     or checkpoint that fails to load; `note` says why). `updated`: the newest file's
     modification time, ISO format."""
@@ -62,7 +63,7 @@ def run_row(folder: Path) -> dict[str, Any]:
     try:
         if (folder / RECORD_FILE).exists():
             record = read_json(folder / RECORD_FILE)
-            row.update(record_row(record), state="done", epochs_done=len(record["history"]))
+            row.update(record_row(record), state="done")
             note = stale_reason(ExperimentConfig.from_dict(record["config"]), record)
             if not (folder / MODEL_FILE).exists():
                 note = f"its model file {MODEL_FILE} is missing"

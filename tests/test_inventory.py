@@ -61,7 +61,8 @@ def test_finished_and_interrupted_runs_are_listed_with_their_state(
     rows = {row["key"]: row for row in cached_runs(tmp_cache)}
     assert set(rows) == {done.key(), unfinished.key(), started.name}
     finished = rows[done.key()]
-    assert finished["state"] == "done" and finished["epochs_done"] == 3
+    assert finished["state"] == "done" and finished["epochs"] == 3
+    assert finished["epochs_done"] is None
     assert (finished["acc"], finished["asr"]) == (
         record["metrics"]["acc"],
         record["metrics"]["asr"],

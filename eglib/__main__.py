@@ -169,7 +169,7 @@ def cmd_runs(args: argparse.Namespace) -> None:
     from eglib.inventory import COLUMNS, cached_runs, count_states
     from eglib.sweep import write_csv
 
-    rows = [r for r in cached_runs() if not args.unfinished or r["state"] != "done"]
+    rows = [r for r in cached_runs() if not args.unfinished or r["state"] in UNFINISHED]
     if args.out:
         write_csv(rows, args.out)
     if rows:
@@ -181,6 +181,9 @@ def cmd_runs(args: argparse.Namespace) -> None:
     for row in rows:
         if row["note"]:
             print(f"{row['key']} ({row['state']}): {row['note']}")
+
+
+UNFINISHED = ("training", "started")  # what `runs --unfinished` shows
 
 
 def _percent(rate: float | None) -> str:
@@ -314,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     redraw.set_defaults(func=cmd_redraw)
 
     runs = sub.add_parser("runs", help=cmd_runs.__doc__)
-    runs.add_argument("--unfinished", action="store_true", help="only runs without a record")
+    runs.add_argument(
+        "--unfinished", action="store_true", help="only runs still training or interrupted"
+    )
     runs.add_argument("--out", help="also write every column of the rows to this CSV")
     runs.set_defaults(func=cmd_runs)
     return parser

@@ -82,7 +82,9 @@ def test_a_run_writes_its_config_before_it_trains(tiny_fashion, tmp_cache, monke
     assert run_row(run_dir(cfg))["state"] == "started"  # no epoch checkpointed yet
 
 
-def test_a_record_the_cache_would_not_serve_is_stale_and_says_why(tiny_fashion, tmp_cache) -> None:
+def test_a_record_the_cache_would_not_serve_is_stale_and_says_why(
+    tiny_fashion, tmp_cache, capsys
+) -> None:
     guarded = ExperimentConfig(**TINY, defense="eigenguard", defense_params={"k": 2})
     record = run_experiment(guarded, progress=False).record
     record["defense"]["params"]["tail_scale"] = 0.5  # trained under another default
@@ -96,6 +98,8 @@ def test_a_record_the_cache_would_not_serve_is_stale_and_says_why(tiny_fashion, 
     assert stale["acc"] == record["metrics"]["acc"]  # still shown, flagged
     lost = run_row(run_dir(plain))
     assert lost["state"] == "stale" and MODEL_FILE in lost["note"]
+    main(["runs", "--unfinished"])  # stale runs are finished trainings, not unfinished ones
+    assert capsys.readouterr().out.strip() == f"0 runs in {tmp_cache / 'runs'}"
 
 
 @pytest.mark.parametrize("broken", ["record.json", "config.json", "checkpoint.pt"])

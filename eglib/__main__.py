@@ -166,14 +166,16 @@ def cmd_redraw(args: argparse.Namespace) -> None:
 def cmd_runs(args: argparse.Namespace) -> None:
     """List the cached runs: finished ones with ACC and ASR, unfinished ones with their epoch."""
     from eglib.config import cache_dir
-    from eglib.inventory import COLUMNS, cached_runs, count_states
+    from eglib.inventory import COLUMNS, UNFINISHED, cached_runs, count_states
+    from eglib.plots.tables import rate_label
     from eglib.sweep import write_csv
 
     rows = [r for r in cached_runs() if not args.unfinished or r["state"] in UNFINISHED]
     if args.out:
         write_csv(rows, args.out)
     if rows:
-        shown = [{**r, "poison_rate": _percent(r["poison_rate"])} for r in rows]
+        rate = "poison_rate"  # None (a run without a config yet) stays an empty cell
+        shown = [{**r, rate: None if r[rate] is None else rate_label(r[rate])} for r in rows]
         _print_rows(shown, [c for c in COLUMNS if c != "note"])  # notes follow the table
     counts = ", ".join(f"{n} {state}" for state, n in count_states(rows).items())
     runs = f"{len(rows)} run{'' if len(rows) == 1 else 's'}"
@@ -181,14 +183,6 @@ def cmd_runs(args: argparse.Namespace) -> None:
     for row in rows:
         if row["note"]:
             print(f"{row['key']} ({row['state']}): {row['note']}")
-
-
-UNFINISHED = ("training", "started")  # what `runs --unfinished` shows
-
-
-def _percent(rate: float | None) -> str:
-    """A poison rate as the percentage people say ("10%"); '' when unknown."""
-    return "" if rate is None else f"{100 * rate:g}%"
 
 
 def _positive_int(text: str) -> int:

@@ -26,6 +26,7 @@ from eglib.experiments import (
 from eglib.io import read_json
 
 STATES = ("done", "stale", "training", "started", "unreadable")  # see `run_row`
+UNFINISHED = ("training", "started")  # the states of runs still training or interrupted
 
 # the columns every row has, in this order (a done run's row adds its record_row columns)
 COLUMNS = (

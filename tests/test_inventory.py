@@ -131,7 +131,7 @@ def test_cli_runs_prints_the_table_and_writes_every_column(
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == f"2 runs in {tmp_cache / 'runs'}: 1 done, 1 training"
     assert lines[0].split()[:4] == ["key", "state", "epochs_done", "epochs"]
-    assert any(done.key() in line and "5%" in line and "blend" in line for line in lines)
+    assert any(done.key() in line and "5 %" in line and "blend" in line for line in lines)
     with out.open() as file:
         written = {row["key"]: row for row in csv.DictReader(file)}
     assert written[done.key()]["poison_rate"] == "0.05"

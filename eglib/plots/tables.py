@@ -204,7 +204,7 @@ def metric_heatmap(
 
 def _panels(n: int, width: float, height: float, labels: float) -> tuple[Figure, list[Axes]]:
     """A figure with n side-by-side panels of the given size each, plus the `labels` inches
-    the first panel's row labels take (the others drop theirs: see `_share_rows`); the
+    the first panel's row labels take (the others drop theirs: see `_finish_panels`); the
     constrained layout gives the panels equal widths beside those labels."""
     use_style()
     fig, axes = plt.subplots(
@@ -213,14 +213,17 @@ def _panels(n: int, width: float, height: float, labels: float) -> tuple[Figure,
     return fig, list(axes[0])
 
 
-def _share_rows(axes: Sequence[Axes]) -> None:
-    """Panels side by side share their row labels: the axis title, and the tick labels where
-    they are the first panel's, are kept on the first only."""
+def _finish_panels(fig: Figure, axes: Sequence[Axes], title: str | None) -> Figure:
+    """Panels side by side share their row labels (the axis title, and the tick labels where
+    they are the first panel's, are kept on the first only); `title` goes above them all."""
     first = [t.get_text() for t in axes[0].get_yticklabels()]
     for ax in axes[1:]:
         ax.set_ylabel("")
         if [t.get_text() for t in ax.get_yticklabels()] == first:
             ax.tick_params(axis="y", labelleft=False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
 
 
 def _size(rows: Sequence[dict[str, Any]], index: Key, columns: Key) -> tuple[float, float, float]:
@@ -251,10 +254,7 @@ def defence_heatmaps(
     for ax, metric in zip(axes, metrics, strict=True):
         column = metric if protocol is None else f"{metric}_{protocol}"
         metric_heatmap(table, column, index=index, columns=columns, ax=ax)
-    _share_rows(axes)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    return fig
+    return _finish_panels(fig, axes, title)
 
 
 def protocol_heatmaps(
@@ -275,10 +275,7 @@ def protocol_heatmaps(
     fig, axes = _panels(len(protocols), *_size(table, index, columns))
     for ax, protocol in zip(axes, protocols, strict=True):
         metric_heatmap(table, f"{metric}_{protocol}", index=index, columns=columns, ax=ax)
-    _share_rows(axes)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    return fig
+    return _finish_panels(fig, axes, title)
 
 
 def rate_label(rate: Any) -> str:
@@ -313,10 +310,7 @@ def detection_heatmaps(
             ax=ax,
         )
         ax.set_xlabel("poison rate")
-    _share_rows(axes)
-    if title:
-        fig.suptitle(title, fontsize=11)
-    return fig
+    return _finish_panels(fig, axes, title)
 
 
 def trigger_rank_bars(
@@ -386,7 +380,4 @@ def adaptive_summary(
     trigger_rank_bars(ranked, ax=axes[0], title=rank_title)
     for ax, metric in zip(axes[1:], ("asr", "acc"), strict=True):
         metric_heatmap(table, f"{metric}_{protocol}", ax=ax)
-    _share_rows(axes[1:])
-    if title:
-        fig.suptitle(title, fontsize=11)
-    return fig
+    return _finish_panels(fig, axes[1:], title)
